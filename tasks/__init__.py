@@ -1,0 +1,41 @@
+"""Celery tasks, thin on purpose: each takes a job id (or nothing), calls into `worker.engine`,
+and returns. Each can run twice, late, or after a crash and do the right thing, because the
+database claims decide, not the messages (DESIGN.md rules 1-2).
+
+Arguments are job ids only: Flower and the broker never see credentials or customer data.
+"""
+
+from __future__ import annotations
+
+from worker import engine
+from worker.app import EXECUTE_JOB, POLL_JOB, app, publish_job, publish_poll
+
+
+@app.task(name=EXECUTE_JOB, acks_late=True, reject_on_worker_lost=True)
+def execute_job(job_id: str) -> str:
+    """Claim the job and make its next gateway call."""
+    return engine.execute_job(job_id, publish=publish_job)
+
+
+@app.task(name="refundq.dispatch_queued")
+def dispatch_queued() -> int:
+    """Re-publish jobs whose time has come and whose message may be lost."""
+    return engine.dispatch_queued(publish=publish_job)
+
+
+@app.task(name="refundq.reap_expired")
+def reap_expired() -> dict[str, int]:
+    """Resolve jobs whose worker died mid-turn (expired lease), by rule 5."""
+    return engine.reap_expired(publish=publish_job)
+
+
+@app.task(name="refundq.poll_pending")
+def poll_pending() -> dict[str, int]:
+    """Claim the awaiting jobs whose poll time has come and publish one poll for each."""
+    return engine.poll_pending(publish_poll=publish_poll)
+
+
+@app.task(name=POLL_JOB, acks_late=True)
+def poll_job(job_id: str) -> str:
+    """Ask the gateway where an awaiting refund stands."""
+    return engine.poll_job(job_id)

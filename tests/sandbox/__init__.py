@@ -1,0 +1,1 @@
+"""Tests of the gateway simulators (`sandbox/`) over real HTTP."""

@@ -1,0 +1,114 @@
+"""The gateway simulators, served by a real uvicorn on a free loopback port in a thread, and a
+small client for their admin API (payments, ledger, call log, faults)."""
+
+from __future__ import annotations
+
+import threading
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+
+from tests.support.polling import wait_for
+from tests.support.services import free_port
+
+
+class SandboxServer:
+    def __init__(self, keys_dir: Path) -> None:
+        from sandbox.app import create_app
+        from sandbox.config import SandboxConfig
+        from sandbox.keys import generate_bbmsl_keypair
+
+        self.private_key_path, public_key_path = generate_bbmsl_keypair(keys_dir)
+        self.config = SandboxConfig(bbmsl_public_key=public_key_path.read_text())
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(
+            create_app(self.config),
+            host="127.0.0.1",
+            port=self.port,
+            log_level="warning",
+            access_log=False,
+            timeout_keep_alive=5,
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name="sandbox", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+        wait_for(lambda: self.server.started, timeout=15, message="sandbox to start")
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+    def env(self) -> dict[str, str]:
+        from sandbox.serve import env_lines
+
+        lines = env_lines(self.base_url, self.config, self.private_key_path)
+        return dict(line.split("=", 1) for line in lines)
+
+
+class SandboxAdmin:
+    """The sandbox's `/_admin` API, as the tests use it."""
+
+    def __init__(self, base_url: str) -> None:
+        self.http = httpx.Client(base_url=base_url + "/_admin", timeout=10)
+
+    def _ok(self, response: httpx.Response) -> Any:
+        if response.is_error:
+            raise AssertionError(
+                f"sandbox admin {response.request.method} {response.request.url} -> "
+                f"{response.status_code}: {response.text}"
+            )
+        return response.json() if response.content else None
+
+    def create_payment(
+        self,
+        gateway: str,
+        payment_ref: str,
+        amount: str | Decimal,
+        currency: str,
+        status: str | None = None,
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "payment_ref": payment_ref,
+            "amount": str(amount),
+            "currency": currency,
+        }
+        if status is not None:
+            body["status"] = status
+        return dict(self._ok(self.http.post(f"/{gateway}/payments", json=body)))
+
+    def payment(self, gateway: str, payment_ref: str) -> dict[str, Any]:
+        return dict(self._ok(self.http.get(f"/{gateway}/payments/{payment_ref}")))
+
+    def ledger(self, gateway: str | None = None, payment_ref: str | None = None) -> list[dict]:
+        params = {k: v for k, v in {"gateway": gateway, "payment_ref": payment_ref}.items() if v}
+        return list(self._ok(self.http.get("/ledger", params=params))["entries"])
+
+    def calls(
+        self, gateway: str | None = None, endpoint: str | None = None, key: str | None = None
+    ) -> list[dict]:
+        params = {
+            k: v for k, v in {"gateway": gateway, "endpoint": endpoint, "key": key}.items() if v
+        }
+        return list(self._ok(self.http.get("/calls", params=params))["calls"])
+
+    def fault(self, gateway: str, endpoint: str, kind: str, **options: Any) -> str:
+        body = {"gateway": gateway, "endpoint": endpoint, "kind": kind, **options}
+        return str(self._ok(self.http.post("/faults", json=body))["id"])
+
+    def faults(self) -> list[dict]:
+        return list(self._ok(self.http.get("/faults"))["faults"])
+
+    def clear_faults(self) -> None:
+        self._ok(self.http.delete("/faults"))
+
+    def post(self, path: str, body: dict[str, Any]) -> Any:
+        return self._ok(self.http.post(path, json=body))
+
+    def get(self, path: str) -> Any:
+        return self._ok(self.http.get(path))

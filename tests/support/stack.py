@@ -1,0 +1,264 @@
+"""A running refundq for integration tests: its own database (SQLite file or PostgreSQL
+database), the private Redis, the sandbox, and real `celery worker` / `celery beat`
+subprocesses. The test process itself is the producer, with the same settings."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tests.support.polling import wait_for
+from tests.support.sandbox import SandboxAdmin
+from tests.support.services import PostgresServer, RedisServer
+
+REPO = Path(__file__).resolve().parents[2]
+
+# Fast clocks for tests; the invariants `Settings` checks still hold (time limit < lease, HTTP
+# timeouts < time limit). Long enough that a loaded 2-core CI machine does not trip them.
+FAST_TIMING = {
+    "REFUNDQ_LEASE_SECONDS": "6",
+    "REFUNDQ_TASK_TIME_LIMIT_SECONDS": "5",
+    "REFUNDQ_HTTP_TIMEOUT_SECONDS": "3",
+    "REFUNDQ_HTTP_CONNECT_TIMEOUT_SECONDS": "1",
+    "REFUNDQ_RETRY_BASE_SECONDS": "0.2",
+    "REFUNDQ_RETRY_FLOOR_SECONDS": "0.1",
+    "REFUNDQ_RETRY_CAP_SECONDS": "2",
+    "REFUNDQ_DISPATCH_INTERVAL_SECONDS": "0.5",
+    "REFUNDQ_REAP_INTERVAL_SECONDS": "0.5",
+    "REFUNDQ_POLL_INTERVAL_SECONDS": "0.5",
+    "REFUNDQ_REDISPATCH_AFTER_SECONDS": "2",
+    "REFUNDQ_POLL_SCHEDULE_SECONDS": "[0.5, 0.5, 1, 1, 2]",
+    "REFUNDQ_LOG_LEVEL": "INFO",
+}
+
+
+@dataclass
+class Process:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+
+def migrated_sqlite_template(directory: Path) -> Path:
+    """Run the migrations once into a file; stacks copy it (faster than migrating each)."""
+    template = directory / "template.db"
+    if not template.exists():
+        from worker.migrate import upgrade
+
+        upgrade(f"sqlite:///{template}")
+        from worker.db import dispose_all
+
+        dispose_all()
+    return template
+
+
+def migrated_postgres_template(server: PostgresServer) -> str:
+    name = server.create_database()
+    from worker.db import dispose_all
+    from worker.migrate import upgrade
+
+    upgrade(server.url_for(name))
+    dispose_all()  # a template database must have no open connections
+    return name
+
+
+@dataclass
+class Stack:
+    backend: str
+    database_url: str
+    redis: RedisServer
+    sandbox_env: dict[str, str]
+    sandbox: SandboxAdmin
+    workdir: Path
+    extra_env: dict[str, str] = field(default_factory=dict)
+    processes: list[Process] = field(default_factory=list)
+    _saved_env: dict[str, str | None] = field(default_factory=dict)
+
+    # --- environment ------------------------------------------------------------------------
+    def env(self) -> dict[str, str]:
+        return {
+            "REFUNDQ_BROKER_URL": self.redis.url,
+            "REFUNDQ_DATABASE_URL": self.database_url,
+            "REFUNDQ_WEBHOOK_SECRET": "test-webhook-secret",
+            **FAST_TIMING,
+            **self.sandbox_env,
+            **self.extra_env,
+        }
+
+    def activate(self) -> None:
+        """Point this (the producer's) process at the stack."""
+        for name, value in self.env().items():
+            self._saved_env.setdefault(name, os.environ.get(name))
+            os.environ[name] = value
+        reset_process_state()
+
+    def deactivate(self) -> None:
+        for name, value in self._saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        self._saved_env.clear()
+        reset_process_state()
+
+    def child_env(self, **overrides: str) -> dict[str, str]:
+        base = {k: v for k, v in os.environ.items() if not k.startswith("REFUNDQ_")}
+        return {**base, **self.env(), **overrides, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+
+    # --- processes --------------------------------------------------------------------------
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Process:
+        log_path = self.workdir / f"{name}.log"
+        handle = log_path.open("ab")
+        popen = subprocess.Popen(
+            argv,
+            cwd=self.workdir,
+            env=env or self.child_env(),
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        handle.close()
+        process = Process(name, popen, log_path)
+        self.processes.append(process)
+        return process
+
+    def start_worker(
+        self,
+        name: str = "w1",
+        *,
+        concurrency: int = 2,
+        pool: str = "prefork",
+        wait: bool = True,
+        **env: str,
+    ) -> Process:
+        argv = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "worker.app",
+            "worker",
+            "--loglevel",
+            "INFO",
+            "--pool",
+            pool,
+            "--concurrency",
+            str(concurrency),
+            "--hostname",
+            f"{name}@%h",
+            "--without-mingle",
+            "--without-gossip",
+        ]
+        process = self._spawn(name, argv, self.child_env(**env) if env else None)
+        if wait:
+            wait_for(
+                lambda: "ready." in process.log() or not process.alive(),
+                timeout=60,
+                message=lambda: f"worker {name} to be ready; log:\n{process.log()[-3000:]}",
+            )
+            assert process.alive(), f"worker {name} died at start:\n{process.log()[-3000:]}"
+        return process
+
+    def start_beat(self, name: str = "beat", **env: str) -> Process:
+        schedule = self.workdir / f"{name}-schedule"
+        argv = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "worker.app",
+            "beat",
+            "--loglevel",
+            "INFO",
+            "--schedule",
+            str(schedule),
+            "--max-interval",
+            "1",
+        ]
+        process = self._spawn(name, argv, self.child_env(**env) if env else None)
+        wait_for(
+            lambda: "beat: Starting" in process.log() or not process.alive(),
+            timeout=30,
+            message=lambda: f"beat {name} to start; log:\n{process.log()[-3000:]}",
+        )
+        assert process.alive(), f"beat {name} died at start:\n{process.log()[-3000:]}"
+        return process
+
+    def kill(self, process: Process, sig: int = signal.SIGKILL) -> None:
+        """Kill the process and its children (a prefork worker's pool) at once."""
+        if process.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.popen.pid, sig)
+        process.popen.wait(timeout=30)
+
+    def stop(self, process: Process) -> None:
+        self.kill(process, signal.SIGTERM)
+
+    def stop_all(self) -> None:
+        for process in self.processes:
+            if process.alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.popen.pid, signal.SIGKILL)
+                process.popen.wait(timeout=30)
+        self.processes.clear()
+
+    def logs(self) -> str:
+        return "\n".join(f"==== {p.name}\n{p.log()[-4000:]}" for p in self.processes)
+
+    # --- jobs --------------------------------------------------------------------------------
+    def wait_status(self, job_id: str, statuses: Iterable[str], timeout: float = 45.0) -> Any:
+        from worker.client import get_job
+
+        wanted = set(statuses)
+        last: dict[str, Any] = {}
+
+        def probe() -> Any:
+            view = get_job(job_id)
+            last["view"] = view
+            return view if view.status in wanted else None
+
+        return wait_for(
+            probe,
+            timeout=timeout,
+            interval=0.1,
+            message=lambda: (
+                f"job {job_id} to reach {sorted(wanted)}; it is "
+                f"{getattr(last.get('view'), 'status', '?')}\n{self.logs()}"
+            ),
+        )
+
+
+def reset_process_state() -> None:
+    """Forget settings, engines, HTTP clients and the broker connection of this process."""
+    from worker import db, gateways
+    from worker.app import configure
+    from worker.settings import get_settings
+
+    get_settings.cache_clear()
+    db.dispose_all()
+    gateways.reset()
+    configure()
+
+
+def copy_sqlite(template: Path, target: Path) -> str:
+    shutil.copyfile(template, target)
+    return f"sqlite:///{target}"
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{time.time_ns():x}"

@@ -1,0 +1,1040 @@
+"""The job state machine: every status change of every job happens here, and only here.
+
+Each transition is one compare-and-set UPDATE (on the current status, and on the lease where a
+worker holds one) plus an `events` row, in one transaction (DESIGN.md). The phases of a job
+follow rocket-rides-atomic: *claim* (commit), *record the attempt as sending* (commit), call the
+gateway outside any transaction, *apply the outcome* (commit). Recovery (the reaper, the
+dispatcher, reconciliation) re-enters the same functions, so it is the normal path.
+
+This module reads provider *capabilities*, never provider names (STYLE.md 2).
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import ColumnElement, and_, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col
+
+from providers.base import (
+    Ambiguous,
+    Capabilities,
+    GatewayError,
+    GatewayRequest,
+    GatewayResult,
+    Kind,
+    Outcome,
+    RateLimited,
+)
+from worker import policy
+from worker.clock import utcnow
+from worker.db import write_session
+from worker.errors import IdempotencyConflict, InvalidRequest, OverRefund
+from worker.models import LIVE_STATUSES, Attempt, Event, Job, JobStatus
+from worker.money import format_amount, from_minor
+
+S = JobStatus
+
+# Which status may follow which. Nothing outside this table ever happens to `jobs.status`.
+TRANSITIONS: Mapping[JobStatus, frozenset[JobStatus]] = {
+    S.QUEUED: frozenset({S.SUBMITTING}),
+    S.SUBMITTING: frozenset(
+        {S.SUCCEEDED, S.DECLINED, S.FAILED, S.AWAITING_GATEWAY, S.RETRY_WAIT, S.UNKNOWN}
+    ),
+    S.RETRY_WAIT: frozenset({S.SUBMITTING}),
+    S.AWAITING_GATEWAY: frozenset({S.SUCCEEDED, S.DECLINED, S.UNKNOWN}),
+    # unknown: reconciliation or an operator decides; `queued` is an operator's forced re-drive.
+    S.UNKNOWN: frozenset({S.SUCCEEDED, S.DECLINED, S.FAILED, S.AWAITING_GATEWAY, S.QUEUED}),
+    # failed: nothing reached the gateway; an operator may re-drive it.
+    S.FAILED: frozenset({S.QUEUED}),
+    S.SUCCEEDED: frozenset(),
+    S.DECLINED: frozenset(),
+}
+CLAIMABLE = (S.QUEUED, S.RETRY_WAIT)
+# How early a claim may come before `next_attempt_at` (clock skew between hosts; a countdown
+# message that arrives a hair early should not bounce to the dispatcher).
+CLAIM_EARLY_TOLERANCE = timedelta(seconds=1)
+
+
+class TransitionError(RuntimeError):
+    """A programming error: a transition the table does not allow."""
+
+
+def check_transition(from_statuses: Iterable[JobStatus], to: JobStatus) -> None:
+    for source in from_statuses:
+        if to not in TRANSITIONS[source]:
+            raise TransitionError(f"{source} -> {to} is not a job transition")
+
+
+def transition(
+    session: Session,
+    job_id: str,
+    *,
+    from_statuses: Sequence[JobStatus],
+    to: JobStatus,
+    actor: str,
+    lease_owner: str | None = None,
+    values: Mapping[str, Any] | None = None,
+    note: str | None = None,
+    detail: Mapping[str, Any] | None = None,
+    event_kind: str = "transition",
+) -> bool:
+    """Compare-and-set `job_id` from one of `from_statuses` to `to` (and, when `lease_owner` is
+    given, only while that owner holds the lease), writing the event row. False if the job was
+    not in such a state: somebody else moved it first, and nothing was written."""
+    check_transition(from_statuses, to)
+    now = utcnow()
+    conditions = [col(Job.id) == job_id, col(Job.status).in_([s.value for s in from_statuses])]
+    if lease_owner is not None:
+        conditions.append(col(Job.lease_owner) == lease_owner)
+    new_values: dict[str, Any] = {"status": to.value, "updated_at": now, **(values or {})}
+    if to in (S.SUCCEEDED, S.DECLINED, S.FAILED, S.UNKNOWN):
+        new_values.setdefault("finished_at", now)
+    if to is not S.SUBMITTING:
+        new_values.setdefault("lease_owner", None)
+        new_values.setdefault("lease_expires_at", None)
+    if to is not S.AWAITING_GATEWAY:
+        new_values.setdefault("next_poll_at", None)
+    # The status we move from, for the event row: known when there is one candidate, else
+    # read in this transaction (the CAS below still decides).
+    if len(from_statuses) == 1:
+        previous: str | None = from_statuses[0].value
+    else:
+        previous = session.execute(select(col(Job.status)).where(*conditions)).scalar_one_or_none()
+        if previous is None:
+            return False
+    result = session.execute(
+        update(Job)
+        .where(*conditions)
+        .values(**new_values)
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]  # CursorResult of an UPDATE
+        return False
+    session.add(
+        Event(
+            job_id=job_id,
+            at=now,
+            from_status=previous,
+            to_status=to.value,
+            kind=event_kind,
+            actor=actor,
+            note=note,
+            detail=dict(detail) if detail else None,
+        )
+    )
+    return True
+
+
+def record_event(
+    session: Session,
+    job_id: str,
+    *,
+    kind: str,
+    actor: str,
+    note: str | None = None,
+    detail: Mapping[str, Any] | None = None,
+) -> None:
+    """An event that is not a status change (a callback received, an operator's note)."""
+    session.add(
+        Event(
+            job_id=job_id,
+            at=utcnow(),
+            kind=kind,
+            actor=actor,
+            note=note,
+            detail=dict(detail) if detail else None,
+        )
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Birth: the producer's request becomes a queued job (or the same job again, for a replay).
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """A validated producer request (money already parsed, provider already checked)."""
+
+    kind: Kind
+    provider: str
+    payment_ref: str
+    currency: str | None
+    amount_minor: int | None
+    original_amount_minor: int | None
+    reason: str | None
+    extras: Mapping[str, str]
+    idempotency_key: str
+    notify_url: str | None = None
+    single_refund_per_payment: bool = False
+
+    def fingerprint(self) -> str:
+        """What makes two requests "the same request" for the idempotency key."""
+        canonical = "\x1f".join(
+            [
+                self.kind.value,
+                self.provider,
+                self.payment_ref,
+                self.currency or "",
+                "" if self.amount_minor is None else str(self.amount_minor),
+                "" if self.original_amount_minor is None else str(self.original_amount_minor),
+                self.reason or "",
+                "\x1e".join(f"{k}={v}" for k, v in sorted(self.extras.items())),
+                self.notify_url or "",
+            ]
+        )
+        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def insert_job(new: NewJob, job_id: str, *, actor: str = "producer") -> tuple[Job, bool]:
+    """Store `new` as a queued job, or return the job an earlier identical request created.
+
+    Returns (job, created). Raises `IdempotencyConflict` for the same key with a different
+    request and `OverRefund` when the payment's refunds would exceed its original amount.
+    The idempotency check is the unique constraint, so it holds under concurrent producers.
+    """
+    fingerprint = new.fingerprint()
+    existing = _job_by_key(new.idempotency_key)
+    if existing is not None:
+        return _replay(existing, new, fingerprint), False
+    now = utcnow()
+    try:
+        with write_session() as session:
+            _lock_payment(session, new.provider, new.payment_ref)
+            if new.kind is Kind.REFUND:
+                _check_refund_fits(session, new)
+            job = Job(
+                id=job_id,
+                kind=new.kind.value,
+                provider=new.provider,
+                payment_ref=new.payment_ref,
+                amount_minor=new.amount_minor,
+                original_amount_minor=new.original_amount_minor,
+                currency=new.currency,
+                reason=new.reason,
+                extras=dict(new.extras),
+                notify_url=new.notify_url,
+                idempotency_key=new.idempotency_key,
+                fingerprint=fingerprint,
+                status=S.QUEUED.value,
+                next_attempt_at=now,
+                message_due_at=now,  # the producer publishes right after the commit
+                created_at=now,
+                updated_at=now,
+            )
+            session.add(job)
+            session.flush()
+            session.add(
+                Event(
+                    job_id=job_id,
+                    at=now,
+                    from_status=None,
+                    to_status=S.QUEUED.value,
+                    kind="transition",
+                    actor=actor,
+                )
+            )
+    except IntegrityError:
+        # A concurrent producer committed the same key between our look and our insert.
+        existing = _job_by_key(new.idempotency_key)
+        if existing is None:
+            raise
+        return _replay(existing, new, fingerprint), False
+    return job, True
+
+
+def _job_by_key(key: str) -> Job | None:
+    from worker.db import read_session
+
+    with read_session() as session:
+        return session.execute(
+            select(Job).where(col(Job.idempotency_key) == key)
+        ).scalar_one_or_none()
+
+
+def _replay(existing: Job, new: NewJob, fingerprint: str) -> Job:
+    if existing.fingerprint != fingerprint:
+        raise IdempotencyConflict(new.idempotency_key, existing.id)
+    return existing
+
+
+def _lock_payment(session: Session, provider: str, payment_ref: str) -> None:
+    """Serialise enqueues for one payment, so the over-refund check sees every live job.
+
+    SQLite: `BEGIN IMMEDIATE` already serialises writers. PostgreSQL: a transaction-scoped
+    advisory lock on the payment (two producers refunding one payment wait for each other;
+    producers of different payments never do).
+    """
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    digest = hashlib.sha256(f"{provider}\x1f{payment_ref}".encode()).digest()
+    key = int.from_bytes(digest[:8], "big", signed=True)
+    session.execute(select(func.pg_advisory_xact_lock(key)))
+
+
+def _check_refund_fits(session: Session, new: NewJob) -> None:
+    live = [s.value for s in LIVE_STATUSES]
+    rows = session.execute(
+        select(
+            col(Job.id), col(Job.amount_minor), col(Job.original_amount_minor), col(Job.currency)
+        ).where(
+            col(Job.provider) == new.provider,
+            col(Job.payment_ref) == new.payment_ref,
+            col(Job.kind) == Kind.REFUND.value,
+            col(Job.status).in_(live),
+        )
+    ).all()
+    if new.single_refund_per_payment and rows:
+        raise OverRefund(
+            "payment_ref",
+            f"{new.provider} refunds a payment only once, and job {rows[0].id} already refunds "
+            f"{new.payment_ref}; wait for it to be declined or failed before refunding again",
+        )
+    for row in rows:
+        if row.currency != new.currency:
+            raise InvalidRequest(
+                "currency",
+                f"payment {new.payment_ref} was refunded in {row.currency} (job {row.id}), "
+                f"not {new.currency}",
+            )
+    known = [r.original_amount_minor for r in rows if r.original_amount_minor is not None]
+    original = (
+        new.original_amount_minor
+        if new.original_amount_minor is not None
+        else (max(known) if known else None)
+    )
+    if original is None or new.amount_minor is None or new.currency is None:
+        return
+    committed = sum(r.amount_minor or 0 for r in rows)
+    if committed + new.amount_minor > original:
+        raise OverRefund(
+            "amount",
+            f"refunding {format_amount(new.amount_minor, new.currency)} {new.currency} of "
+            f"{new.payment_ref} would bring its refunds to "
+            f"{format_amount(committed + new.amount_minor, new.currency)}, above the original "
+            f"{format_amount(original, new.currency)} (already refunded or in flight: "
+            f"{format_amount(committed, new.currency)} in {len(rows)} job(s))",
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Claim, record, apply: one worker's turn with a job.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A job a worker holds a lease on, as the worker needs it (a detached snapshot)."""
+
+    job_id: str
+    lease_owner: str
+    kind: Kind
+    provider: str
+    payment_ref: str
+    currency: str | None
+    amount_minor: int | None
+    original_amount_minor: int | None
+    reason: str | None
+    extras: Mapping[str, str]
+    provider_reference: str | None
+    attempt_count: int
+    needs_status_check: bool
+    ambiguous_sends: int
+    previous_status: str
+
+    def gateway_request(self, callback_url: str | None = None) -> GatewayRequest:
+        amount = original = None
+        if self.currency is not None:
+            if self.amount_minor is not None:
+                amount = from_minor(self.amount_minor, self.currency)
+            if self.original_amount_minor is not None:
+                original = from_minor(self.original_amount_minor, self.currency)
+        return GatewayRequest(
+            job_id=self.job_id,
+            kind=self.kind,
+            payment_ref=self.payment_ref,
+            currency=self.currency or "",
+            amount=amount,
+            original_amount=original,
+            reason=self.reason,
+            extras=dict(self.extras),
+            provider_reference=self.provider_reference,
+            callback_url=callback_url,
+        )
+
+
+def claim_job(job_id: str, lease_owner: str, lease_seconds: float) -> Claim | None:
+    """Rule 2, claim before work: queued|retry_wait -> submitting with a lease, in one CAS.
+    None when there is nothing to claim (done already, held by another worker, not yet due):
+    a duplicate or late message simply ends there."""
+    now = utcnow()
+    with write_session() as session:
+        job = session.execute(
+            select(Job).where(
+                col(Job.id) == job_id,
+                col(Job.status).in_([s.value for s in CLAIMABLE]),
+                or_(
+                    col(Job.next_attempt_at).is_(None),
+                    col(Job.next_attempt_at) <= now + CLAIM_EARLY_TOLERANCE,
+                ),
+            )
+        ).scalar_one_or_none()
+        if job is None:
+            return None
+        # Snapshot before the UPDATE: an ORM-enabled UPDATE synchronises loaded objects.
+        previous = JobStatus(job.status)
+        snapshot = replace(_claim_of(job, lease_owner), attempt_count=job.attempt_count + 1)
+        moved = transition(
+            session,
+            job_id,
+            from_statuses=[previous],
+            to=S.SUBMITTING,
+            actor=lease_owner,
+            values={
+                "lease_owner": lease_owner,
+                "lease_expires_at": now + timedelta(seconds=lease_seconds),
+                "attempt_count": col(Job.attempt_count) + 1,
+            },
+        )
+        return snapshot if moved else None
+
+
+def record_attempt(claim: Claim, purpose: str, request_summary: Mapping[str, Any]) -> int:
+    """Rule 3, record before send: the attempt row commits as `sending` before the call, so a
+    worker that dies mid-call leaves evidence that the request may have left."""
+    with write_session() as session:
+        attempt = Attempt(
+            job_id=claim.job_id,
+            number=claim.attempt_count,
+            purpose=purpose,
+            state="sending",
+            lease_owner=claim.lease_owner,
+            started_at=utcnow(),
+            request_summary=dict(request_summary),
+        )
+        session.add(attempt)
+        session.flush()
+        assert attempt.id is not None
+        return attempt.id
+
+
+class Next(enum.StrEnum):
+    """What the caller (a task) must do after a job's turn."""
+
+    DONE = "done"  # a final state, or a state someone else drives (poll, operator)
+    RETRY = "retry"  # publish execute_job again after `delay_seconds`
+    LOST = "lost"  # the lease was gone when the outcome came back (see `apply`)
+
+
+@dataclass(frozen=True)
+class Turn:
+    """The result of applying one call's outcome."""
+
+    status: JobStatus | None
+    next: Next
+    delay_seconds: float | None = None
+    notify: bool = False  # the job reached a state a shop is told about (final or unknown)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What an outcome means for the job: where it goes and what else changes."""
+
+    to: JobStatus
+    values: dict[str, Any] = field(default_factory=dict)
+    retry_delay: float | None = None
+    note: str | None = None
+
+
+def decide_result(
+    claim: Claim,
+    capabilities: Capabilities,
+    result: GatewayResult,
+    poll_delays: Sequence[float],
+    poll_deadline_seconds: float,
+) -> Decision:
+    """The gateway answered: map its outcome to our next state."""
+    values: dict[str, Any] = {
+        "raw_status": result.raw_status,
+        "needs_status_check": False,
+    }
+    if result.provider_reference:
+        values["provider_reference"] = result.provider_reference
+    outcome = result.outcome
+    if outcome is Outcome.SUCCEEDED:
+        values.update(last_error_code=None, last_error_message=None, last_error_retryable=None)
+        return Decision(S.SUCCEEDED, values)
+    if outcome in (Outcome.DECLINED, Outcome.FAILED):
+        values.update(
+            last_error_code=result.code,
+            last_error_message=result.message,
+            last_error_retryable=False,
+        )
+        return Decision(S.DECLINED if outcome is Outcome.DECLINED else S.FAILED, values)
+    if outcome is Outcome.PENDING:
+        now = utcnow()
+        values.update(
+            next_poll_at=now + timedelta(seconds=poll_delays[0]),
+            poll_deadline_at=now + timedelta(seconds=poll_deadline_seconds),
+            poll_count=0,
+        )
+        return Decision(S.AWAITING_GATEWAY, values)
+    if outcome is Outcome.UNRESOLVED:
+        values.update(
+            last_error_code=result.code or "UNRESOLVED",
+            last_error_message=result.message,
+            last_error_retryable=False,
+        )
+        return Decision(S.UNKNOWN, values, note="the gateway's answer does not match this job")
+    # NOT_FOUND is an answer to a status query only; `engine` handles it before we get here.
+    raise TransitionError(f"outcome {outcome} cannot end a send")
+
+
+def decide_error(
+    claim: Claim,
+    capabilities: Capabilities,
+    error: GatewayError,
+    purpose: str,
+    retry: policy.RetryPolicy,
+) -> Decision:
+    """We could not get a trustworthy answer: retry what is safe, resolve what is ambiguous
+    by rule 5, give up safely when attempts run out."""
+    values: dict[str, Any] = {
+        "last_error_code": error.code or type(error).__name__,
+        "last_error_message": error.message,
+    }
+    ambiguous_send = isinstance(error, Ambiguous) and purpose == "send"
+    ambiguous_sends = claim.ambiguous_sends + (1 if ambiguous_send else 0)
+    if ambiguous_send:
+        values["ambiguous_sends"] = ambiguous_sends
+    needs_check = claim.needs_status_check or ambiguous_send
+    if ambiguous_send:
+        resolution = ambiguity_resolution(capabilities, claim.provider_reference)
+        if resolution is Resolution.ASK:
+            values["needs_status_check"] = True
+        elif resolution is Resolution.NONE:
+            values["last_error_retryable"] = False
+            return Decision(
+                S.UNKNOWN,
+                values,
+                note="ambiguous send to a gateway that can neither be asked nor safely resent "
+                "(rule 5); reconcile or resolve by hand",
+            )
+        else:  # RESEND: the same reference again cannot refund twice.
+            needs_check = False
+            values["needs_status_check"] = False
+    if claim.attempt_count >= capabilities.max_attempts:
+        values["last_error_retryable"] = False
+        if ambiguous_sends > 0 or needs_check:
+            return Decision(
+                S.UNKNOWN,
+                values,
+                note=f"gave up after {claim.attempt_count} attempts with the outcome of an "
+                "earlier send still unknown",
+            )
+        return Decision(
+            S.FAILED,
+            values,
+            note=f"gave up after {claim.attempt_count} attempts; the gateway never received it",
+        )
+    retry_after = error.retry_after if isinstance(error, RateLimited) else None
+    delay = retry.delay(claim.attempt_count, retry_after=retry_after)
+    due = utcnow() + timedelta(seconds=delay)
+    # The caller publishes a countdown message for `due` (or, for waits longer than Celery
+    # should hold, leaves it to the dispatcher, which then runs it `redispatch_after` late).
+    values.update(last_error_retryable=True, next_attempt_at=due, message_due_at=due)
+    return Decision(S.RETRY_WAIT, values, retry_delay=delay)
+
+
+class Resolution(enum.StrEnum):
+    ASK = "ask"  # query the gateway before anything else
+    RESEND = "resend"  # send again with the same reference
+    NONE = "none"  # neither: unknown
+
+
+def ambiguity_resolution(capabilities: Capabilities, provider_reference: str | None) -> Resolution:
+    """DESIGN.md rule 5, from capabilities alone."""
+    if capabilities.status_query and (
+        capabilities.status_by_own_reference or provider_reference is not None
+    ):
+        return Resolution.ASK
+    if capabilities.resend_safe:
+        return Resolution.RESEND
+    return Resolution.NONE
+
+
+def apply(
+    claim: Claim,
+    attempt_id: int,
+    decision: Decision,
+    *,
+    attempt_outcome: str,
+    http_status: int | None,
+    code: str | None,
+    message: str | None,
+    duration_ms: float,
+) -> Turn:
+    """Commit the attempt's outcome and the job's new state together."""
+    now = utcnow()
+    with write_session() as session:
+        session.execute(
+            update(Attempt)
+            .where(col(Attempt.id) == attempt_id)
+            .values(
+                state="done",
+                finished_at=now,
+                duration_ms=duration_ms,
+                http_status=http_status,
+                outcome_class=attempt_outcome,
+                code=code,
+                message=message,
+                retry_delay_seconds=decision.retry_delay,
+            )
+        )
+        moved = transition(
+            session,
+            claim.job_id,
+            from_statuses=[S.SUBMITTING],
+            to=decision.to,
+            actor=claim.lease_owner,
+            lease_owner=claim.lease_owner,
+            values=decision.values,
+            note=decision.note,
+        )
+    if not moved:
+        # Cannot happen while the task's time limit is below the lease; if it does, the reaper
+        # already applied rule 5 and the attempt row keeps what the gateway said.
+        return Turn(None, Next.LOST)
+    if decision.to is S.RETRY_WAIT:
+        return Turn(decision.to, Next.RETRY, decision.retry_delay)
+    return Turn(decision.to, Next.DONE, notify=decision.to in NOTIFY_STATUSES)
+
+
+def finish_status_check_not_found(claim: Claim, attempt_id: int, duration_ms: float) -> None:
+    """The gateway says it never received our refund: the job may be sent again in this very
+    turn (the lease is still ours). Recorded on the attempt; the status stays `submitting`."""
+    with write_session() as session:
+        session.execute(
+            update(Attempt)
+            .where(col(Attempt.id) == attempt_id)
+            .values(
+                state="done",
+                finished_at=utcnow(),
+                duration_ms=duration_ms,
+                outcome_class=Outcome.NOT_FOUND.value,
+            )
+        )
+        session.execute(
+            update(Job)
+            .where(col(Job.id) == claim.job_id, col(Job.lease_owner) == claim.lease_owner)
+            .values(needs_status_check=False, updated_at=utcnow())
+        )
+        record_event(
+            session,
+            claim.job_id,
+            kind="note",
+            actor=claim.lease_owner,
+            note="status check: the gateway never received the earlier send; sending again",
+        )
+
+
+NOTIFY_STATUSES = frozenset({S.SUCCEEDED, S.DECLINED, S.FAILED, S.UNKNOWN})
+
+
+# ---------------------------------------------------------------------------------------------
+# Recovery: expired leases (the reaper) and lost messages (the dispatcher).
+# ---------------------------------------------------------------------------------------------
+
+
+def expired_leases(now: datetime, limit: int) -> list[str]:
+    from worker.db import read_session
+
+    with read_session() as session:
+        return list(
+            session.execute(
+                select(col(Job.id))
+                .where(col(Job.status) == S.SUBMITTING.value, col(Job.lease_expires_at) < now)
+                .order_by(col(Job.lease_expires_at))
+                .limit(limit)
+            ).scalars()
+        )
+
+
+def reap(
+    job_id: str,
+    reaper: str,
+    capabilities_for: Callable[[str], Capabilities],
+    retry: policy.RetryPolicy,
+) -> Turn:
+    """A `submitting` job whose lease expired: its worker died or hung. What it left decides:
+    no `sending` attempt -> it never called the gateway: retry now. A `sending` send -> the
+    call may have been applied: rule 5, exactly as for an ambiguous answer. A `sending` status
+    check -> harmless: check again."""
+    now = utcnow()
+    with write_session() as session:
+        job = session.execute(
+            select(Job).where(
+                col(Job.id) == job_id,
+                col(Job.status) == S.SUBMITTING.value,
+                col(Job.lease_expires_at) < now,
+            )
+        ).scalar_one_or_none()
+        if job is None:
+            return Turn(None, Next.DONE)
+        dead_owner = job.lease_owner
+        capabilities = capabilities_for(job.provider)
+        sending = (
+            session.execute(
+                select(Attempt).where(
+                    col(Attempt.job_id) == job_id, col(Attempt.state) == "sending"
+                )
+            )
+            .scalars()
+            .all()
+        )
+        for attempt in sending:
+            attempt.state = "abandoned"
+            attempt.finished_at = now
+            attempt.outcome_class = "worker_lost"
+            attempt.message = f"lease of {attempt.lease_owner} expired during the call"
+        claim = _claim_of(job, dead_owner or "")
+        sent = any(a.purpose == "send" for a in sending)
+        if sent:
+            error: GatewayError = Ambiguous(
+                f"worker {dead_owner} was lost while sending (lease expired)", code="WORKER_LOST"
+            )
+            decision = decide_error(claim, capabilities, error, "send", retry)
+        else:
+            what = "checking status" if sending else "before calling the gateway"
+            error = _WorkerLostBeforeSend(
+                f"worker {dead_owner} was lost {what}", code="WORKER_LOST"
+            )
+            decision = decide_error(
+                claim, capabilities, error, "status" if sending else "claim", retry.immediate()
+            )
+        moved = transition(
+            session,
+            job_id,
+            from_statuses=[S.SUBMITTING],
+            to=decision.to,
+            actor=reaper,
+            lease_owner=dead_owner,
+            values=decision.values,
+            note=decision.note or error.message,
+        )
+    if not moved:
+        return Turn(None, Next.DONE)
+    if decision.to is S.RETRY_WAIT:
+        return Turn(decision.to, Next.RETRY, decision.retry_delay)
+    return Turn(decision.to, Next.DONE, notify=decision.to in NOTIFY_STATUSES)
+
+
+class _WorkerLostBeforeSend(GatewayError):
+    outcome_class = "worker_lost"
+
+
+def due_for_dispatch(now: datetime, redispatch_after: timedelta, limit: int) -> list[str]:
+    """Jobs whose time has come and whose last message, if any, should have run by now.
+
+    `message_due_at` is when the last message published for the job was due to run; a job
+    still claimable well past that has lost its message (Redis flushed, restarted, or a
+    countdown longer than we hand to Celery).
+    """
+    from worker.db import read_session
+
+    stale = now - redispatch_after
+    with read_session() as session:
+        return list(
+            session.execute(
+                select(col(Job.id))
+                .where(
+                    col(Job.status).in_([s.value for s in CLAIMABLE]),
+                    col(Job.next_attempt_at) <= now,
+                    or_(col(Job.message_due_at).is_(None), col(Job.message_due_at) <= stale),
+                )
+                .order_by(col(Job.next_attempt_at))
+                .limit(limit)
+            ).scalars()
+        )
+
+
+def mark_published(
+    job_ids: Sequence[str], due_at: datetime, *, only_if_stale_before: datetime | None = None
+) -> list[str]:
+    """Note that a message was published for these jobs, due at `due_at`. With
+    `only_if_stale_before`, a compare-and-set: only jobs nobody re-published meanwhile are
+    returned (two dispatchers never both publish the same job for the same due time)."""
+    if not job_ids:
+        return []
+    with write_session() as session:
+        conditions: list[ColumnElement[bool]] = [col(Job.id).in_(list(job_ids))]
+        if only_if_stale_before is not None:
+            conditions.append(
+                or_(
+                    col(Job.message_due_at).is_(None),
+                    col(Job.message_due_at) <= only_if_stale_before,
+                )
+            )
+            conditions.append(col(Job.status).in_([s.value for s in CLAIMABLE]))
+        rows = (
+            session.execute(
+                update(Job)
+                .where(and_(*conditions))
+                .values(message_due_at=due_at)
+                .returning(col(Job.id))
+            )
+            .scalars()
+            .all()
+        )
+        return list(rows)
+
+
+def amount_text(minor: int | None, currency: str | None) -> str | None:
+    return format_amount(minor, currency)
+
+
+def decimal_amount(minor: int | None, currency: str | None) -> Decimal | None:
+    if minor is None or currency is None:
+        return None
+    return from_minor(minor, currency)
+
+
+# ---------------------------------------------------------------------------------------------
+# Settlement polling (gateways that settle later: `Capabilities.settles_async`).
+# ---------------------------------------------------------------------------------------------
+
+
+def due_polls(now: datetime, limit: int) -> list[str]:
+    """Awaiting jobs whose poll time has come, oldest first. Served by the partial index on
+    `next_poll_at` (only awaiting jobs carry one): the cost follows what is due, not what waits.
+    """
+    from worker.db import read_session
+
+    with read_session() as session:
+        return list(
+            session.execute(
+                select(col(Job.id))
+                .where(col(Job.next_poll_at).is_not(None), col(Job.next_poll_at) <= now)
+                .order_by(col(Job.next_poll_at))
+                .limit(limit)
+            ).scalars()
+        )
+
+
+class PollClaim(enum.StrEnum):
+    POLL = "poll"  # claimed for this due time: ask the gateway
+    EXPIRED = "expired"  # past its deadline: moved to unknown
+    TAKEN = "taken"  # someone else claimed it, or it is no longer awaiting
+
+
+def claim_poll(
+    job_id: str, schedule: Sequence[float], *, actor: str, force: bool = False
+) -> PollClaim:
+    """Claim one poll of an awaiting job: a compare-and-set that moves `next_poll_at` to the
+    next slot of the schedule. Two beats (or a tick overlapping the last) never poll a job twice
+    for one due time. `force` claims even if not yet due (a callback asks for a check now)."""
+    now = utcnow()
+    with write_session() as session:
+        row = session.execute(
+            select(col(Job.next_poll_at), col(Job.poll_count), col(Job.poll_deadline_at)).where(
+                col(Job.id) == job_id, col(Job.status) == S.AWAITING_GATEWAY.value
+            )
+        ).one_or_none()
+        if row is None or row.next_poll_at is None:
+            return PollClaim.TAKEN
+        if not force and row.next_poll_at > now:
+            return PollClaim.TAKEN
+        if row.poll_deadline_at is not None and row.poll_deadline_at <= now:
+            moved = transition(
+                session,
+                job_id,
+                from_statuses=[S.AWAITING_GATEWAY],
+                to=S.UNKNOWN,
+                actor=actor,
+                values={
+                    "last_error_code": "NOT_SETTLED_IN_TIME",
+                    "last_error_message": "gateway did not settle in time",
+                    "last_error_retryable": False,
+                },
+                note=f"gateway did not settle in time ({row.poll_count} polls)",
+            )
+            return PollClaim.EXPIRED if moved else PollClaim.TAKEN
+        delay = policy.poll_delay(schedule, row.poll_count + 1)
+        claimed = session.execute(
+            update(Job)
+            .where(
+                col(Job.id) == job_id,
+                col(Job.status) == S.AWAITING_GATEWAY.value,
+                col(Job.next_poll_at) == row.next_poll_at,
+            )
+            .values(
+                next_poll_at=now + timedelta(seconds=delay),
+                poll_count=col(Job.poll_count) + 1,
+                updated_at=now,
+            )
+            .execution_options(synchronize_session=False)
+        )
+        return PollClaim.POLL if claimed.rowcount == 1 else PollClaim.TAKEN  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class PollTarget:
+    """What a poll needs to ask the gateway."""
+
+    claim: Claim
+    poll_count: int
+
+
+def poll_target(job_id: str, actor: str) -> PollTarget | None:
+    """The awaiting job, as a gateway request needs it; None if it is no longer awaiting."""
+    from worker.db import read_session
+
+    with read_session() as session:
+        job = session.get(Job, job_id)
+        if job is None or job.status != S.AWAITING_GATEWAY.value:
+            return None
+        return PollTarget(claim=_claim_of(job, actor), poll_count=job.poll_count)
+
+
+def _claim_of(job: Job, actor: str) -> Claim:
+    return Claim(
+        job_id=job.id,
+        lease_owner=actor,
+        kind=Kind(job.kind),
+        provider=job.provider,
+        payment_ref=job.payment_ref,
+        currency=job.currency,
+        amount_minor=job.amount_minor,
+        original_amount_minor=job.original_amount_minor,
+        reason=job.reason,
+        extras=dict(job.extras or {}),
+        provider_reference=job.provider_reference,
+        attempt_count=job.attempt_count,
+        needs_status_check=job.needs_status_check,
+        ambiguous_sends=job.ambiguous_sends,
+        previous_status=job.status,
+    )
+
+
+def record_poll(claim: Claim, poll_count: int) -> int:
+    """The poll's attempt row (`purpose="poll"`), committed before the call like any other."""
+    with write_session() as session:
+        attempt = Attempt(
+            job_id=claim.job_id,
+            number=poll_count,
+            purpose="poll",
+            state="sending",
+            lease_owner=claim.lease_owner,
+            started_at=utcnow(),
+            request_summary={"purpose": "poll", "provider_reference": claim.provider_reference},
+        )
+        session.add(attempt)
+        session.flush()
+        assert attempt.id is not None
+        return attempt.id
+
+
+def apply_poll(
+    claim: Claim,
+    attempt_id: int,
+    *,
+    result: GatewayResult | None,
+    error: GatewayError | None,
+    duration_ms: float,
+    retry_after_floor: datetime | None = None,
+) -> JobStatus | None:
+    """A poll's answer. Only a definite one moves the job, and only from `awaiting_gateway`, so
+    polls and callbacks converge in any order, any number of times. Errors leave the job
+    waiting for its next scheduled poll (pushed back to honour a Retry-After)."""
+    now = utcnow()
+    decision: Decision | None = None
+    if result is not None:
+        base = {"raw_status": result.raw_status}
+        if result.outcome is Outcome.SUCCEEDED:
+            decision = Decision(
+                S.SUCCEEDED,
+                {
+                    **base,
+                    "last_error_code": None,
+                    "last_error_message": None,
+                    "last_error_retryable": None,
+                },
+            )
+        elif result.outcome is Outcome.DECLINED:
+            decision = Decision(
+                S.DECLINED,
+                {
+                    **base,
+                    "last_error_code": result.code,
+                    "last_error_message": result.message,
+                    "last_error_retryable": False,
+                },
+            )
+        elif result.outcome in (Outcome.NOT_FOUND, Outcome.UNRESOLVED, Outcome.FAILED):
+            decision = Decision(
+                S.UNKNOWN,
+                {
+                    **base,
+                    "last_error_code": result.code or result.outcome.value.upper(),
+                    "last_error_message": result.message,
+                    "last_error_retryable": False,
+                },
+                note=f"status poll answered {result.outcome.value}: a human must look",
+            )
+    with write_session() as session:
+        session.execute(
+            update(Attempt)
+            .where(col(Attempt.id) == attempt_id)
+            .values(
+                state="done",
+                finished_at=now,
+                duration_ms=duration_ms,
+                http_status=(
+                    result.http_status if result else error.http_status if error else None
+                ),
+                outcome_class=(
+                    result.outcome.value if result else error.outcome_class if error else None
+                ),
+                code=result.code if result else error.code if error else None,
+                message=result.message if result else error.message if error else None,
+            )
+        )
+        if decision is None:
+            values: dict[str, Any] = {"updated_at": now}
+            if result is not None:
+                values["raw_status"] = result.raw_status
+            if error is not None:
+                values.update(
+                    last_error_code=error.code or type(error).__name__,
+                    last_error_message=error.message,
+                    last_error_retryable=True,
+                )
+            query = update(Job).where(
+                col(Job.id) == claim.job_id, col(Job.status) == S.AWAITING_GATEWAY.value
+            )
+            if retry_after_floor is not None:
+                scheduled = session.execute(
+                    select(col(Job.next_poll_at)).where(col(Job.id) == claim.job_id)
+                ).scalar_one_or_none()
+                if scheduled is None or scheduled < retry_after_floor:
+                    values["next_poll_at"] = retry_after_floor
+            session.execute(query.values(**values).execution_options(synchronize_session=False))
+            return None
+        moved = transition(
+            session,
+            claim.job_id,
+            from_statuses=[S.AWAITING_GATEWAY],
+            to=decision.to,
+            actor=claim.lease_owner,
+            values=decision.values,
+            note=decision.note,
+        )
+        return decision.to if moved else None
