@@ -105,6 +105,17 @@ class GatewayResult:
     settled_amount: Decimal | None = None  # what the gateway says it refunded, when it says
 
 
+@dataclass(frozen=True)
+class Callback:
+    """A gateway's unsolicited notice about one of our refunds. Gateways do not sign them (or
+    we cannot check it), so a callback is a *hint*: the engine confirms with `Provider.status`
+    before any state is written."""
+
+    provider_reference: str
+    claimed_outcome: Outcome | None  # what the notice claims, if it says something we know
+    details: Mapping[str, str] = field(default_factory=dict)  # for the audit trail (no PII)
+
+
 class GatewayError(Exception):
     """We could not get a trustworthy answer. Subclasses say what is safe next."""
 
@@ -342,6 +353,11 @@ class Provider(ABC):
     def status(self, request: GatewayRequest) -> GatewayResult:
         """Where the gateway holds our refund: SUCCEEDED, DECLINED, PENDING or NOT_FOUND."""
         raise NotSupported(f"{self.name} has no status query")
+
+    @classmethod
+    def parse_callback(cls, body: bytes) -> Callback:
+        """Read a callback body the gateway POSTed to us; `ValueError` if it is not one."""
+        raise NotSupported(f"{cls.name} sends no callbacks")
 
     def submit(self, request: GatewayRequest) -> GatewayResult:
         """The verb for the request's kind."""

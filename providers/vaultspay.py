@@ -59,6 +59,7 @@ from pydantic_settings import SettingsConfigDict
 
 from providers.base import (
     Ambiguous,
+    Callback,
     Capabilities,
     GatewayError,
     GatewayRequest,
@@ -376,6 +377,22 @@ class VaultspayProvider(Provider):
         super().__init__(settings, client)
         self._clock = clock
         self._auth = VaultspayTokenAuth(self._fetch_token, clock)
+
+    @classmethod
+    def parse_callback(cls, body: bytes) -> Callback:
+        """The documented callback hook body as a hint (see `VaultspayCallback`)."""
+        notice = parse_callback(body)
+        return Callback(
+            provider_reference=notice.reference_id,
+            claimed_outcome=notice.hinted_outcome(),
+            details={
+                "status": notice.status,
+                "amount": str(notice.amount),
+                "fee": str(notice.fee),
+                "vat": str(notice.vat),
+                "vp_transaction_id": notice.vp_transaction_id,
+            },
+        )
 
     @classmethod
     def validate_request(cls, request: GatewayRequest) -> None:

@@ -39,3 +39,10 @@ def poll_pending() -> dict[str, int]:
 def poll_job(job_id: str) -> str:
     """Ask the gateway where an awaiting refund stands."""
     return engine.poll_job(job_id)
+
+
+@app.task(name="refundq.reconcile")
+def reconcile() -> dict[str, int]:
+    """Daily: compare jobs with the gateways; the report goes to the log (and to
+    REFUNDQ_REPORTS_DIR when set)."""
+    return engine.reconcile_daily()

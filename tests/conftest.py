@@ -135,8 +135,20 @@ def running(
     """One stack per test module and backend: a worker (prefork, 2 processes) and beat."""
     stacks: list[Stack] = []
     stack = _stack_factory(str(request.param), request, tmp_path_factory, stacks)()
-    stack.start_worker()
-    stack.start_beat()
-    yield stack
-    stack.stop_all()
-    stack.deactivate()
+    try:
+        stack.start_worker()
+        stack.start_beat()
+        yield stack
+    finally:
+        stack.stop_all()
+        stack.deactivate()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_process_outlives_the_run() -> Iterator[None]:
+    """Whatever a test started (workers, beats, APIs) dies with the run, even if a fixture
+    failed half-way."""
+    yield
+    from tests.support.stack import kill_everything_spawned
+
+    kill_everything_spawned()

@@ -275,6 +275,157 @@ def list_cmd(
     out.print(table)
 
 
+def _operator(by: str | None) -> str:
+    import getpass
+
+    return f"operator:{by or getpass.getuser()}"
+
+
+ByOpt = Annotated[
+    str | None, typer.Option("--by", help="Who is acting (default: your login name).")
+]
+
+
+@app.command("retry")
+def retry_cmd(
+    job_id: Annotated[str, typer.Argument(metavar="JOB", help="The job id.")],
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Also re-drive an unknown job. Its last send may have reached the gateway: "
+            "this can refund twice.",
+        ),
+    ] = False,
+    note: Annotated[str | None, typer.Option(help="Why (kept in the job's history).")] = None,
+    by: ByOpt = None,
+) -> None:
+    """Send a failed job again (or, with --force, an unknown one)."""
+    from worker.client import get_job, publish_new
+    from worker.errors import TransitionRefused
+    from worker.jobs import operator_retry
+
+    with _errors():
+        view = get_job(job_id)
+        if view.status == JobStatus.UNKNOWN.value and force:
+            err.print(
+                f"[bold yellow]warning:[/] job {job_id} is unknown: if its last send reached "
+                f"{view.provider}, this retry refunds {view.amount or ''} {view.currency or ''} "
+                "a second time.",
+                highlight=False,
+            )
+        try:
+            operator_retry(job_id, actor=_operator(by), note=note, force=force)
+        except TransitionRefused as exc:
+            _fail(EXIT_BAD_INPUT, str(exc))
+    publish_new(job_id)  # the same outbox path as a new job
+    err.print(f"job {job_id} queued again", highlight=False)
+
+
+@app.command("resolve")
+def resolve_cmd(
+    job_id: Annotated[str, typer.Argument(metavar="JOB", help="The job id.")],
+    as_status: Annotated[
+        str, typer.Option("--as", help="succeeded, declined or failed.", show_default=False)
+    ],
+    note: Annotated[str, typer.Option(help="Why: what you checked, and where.")],
+    by: ByOpt = None,
+) -> None:
+    """Record the outcome of an unknown job, after checking with the gateway by other means."""
+    from worker.errors import TransitionRefused
+    from worker.jobs import operator_resolve
+
+    final = {s.value: s for s in (JobStatus.SUCCEEDED, JobStatus.DECLINED, JobStatus.FAILED)}
+    if as_status not in final:
+        _fail(EXIT_BAD_INPUT, f"--as must be one of {', '.join(final)}, not {as_status!r}")
+    with _errors():
+        try:
+            operator_resolve(job_id, final[as_status], actor=_operator(by), note=note)
+        except TransitionRefused as exc:
+            _fail(EXIT_BAD_INPUT, str(exc))
+    err.print(f"job {job_id} resolved as {as_status}", highlight=False)
+
+
+@app.command("reconcile")
+def reconcile_cmd(
+    since: Annotated[
+        str | None,
+        typer.Option(
+            help="Also check jobs finalised since this date (YYYY-MM-DD or ISO time; "
+            "default: the last day)."
+        ),
+    ] = None,
+    provider: Annotated[str | None, typer.Option(help="Only this provider.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    report_file: Annotated[
+        Path | None, typer.Option("--report", help="Also write the JSON report here.")
+    ] = None,
+) -> None:
+    """Compare jobs with the gateways, fix what is provably wrong, list what needs a human."""
+    from datetime import UTC, datetime
+
+    from rich.progress import Progress
+
+    from worker.reconcile import reconcile
+
+    moment = None
+    if since is not None:
+        try:
+            moment = datetime.fromisoformat(since)
+        except ValueError:
+            _fail(EXIT_BAD_INPUT, f"--since {since!r}: use YYYY-MM-DD or an ISO 8601 time")
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+    with _errors(), Progress(console=err, transient=True) as bar:
+        task = bar.add_task("asking the gateways", total=None)
+        report = reconcile(
+            since=moment,
+            provider=provider,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+        )
+    document = report.model_dump_json(indent=2)
+    if report_file is not None:
+        report_file.write_text(document + "\n", encoding="utf-8")
+    if as_json:
+        out.print_json(document)
+        return
+    _print_report(report)
+
+
+def _print_report(report: Any) -> None:
+    counts = Table(
+        title=f"jobs by provider and state (checked {report.checked}, "
+        f"{report.in_flight} in flight)",
+        title_justify="left",
+    )
+    statuses = [s.value for s in JobStatus]
+    counts.add_column("provider")
+    for status in statuses:
+        counts.add_column(status, justify="right")
+    for provider, by_status in report.counts.items():
+        counts.add_row(provider, *[str(by_status.get(s, "")) for s in statuses])
+    out.print(counts)
+    for title, findings in (
+        ("corrected", report.corrected),
+        ("needs a human", report.needs_human),
+        ("could not ask", report.unreachable),
+    ):
+        table = Table(title=f"{title} ({len(findings)})", title_justify="left")
+        for column in ("job", "provider", "payment", "held", "gateway", "now", "why"):
+            table.add_column(column, no_wrap=column == "job")
+        for f in findings:
+            table.add_row(
+                f.job_id,
+                f.provider,
+                f.payment_ref,
+                f.held,
+                f.gateway or "-",
+                _styled_status(f.now),
+                f.why,
+            )
+        out.print(table)
+
+
 @db_app.command("upgrade")
 def db_upgrade_cmd(
     revision: Annotated[str, typer.Argument(help="Target revision.")] = "head",

@@ -344,3 +344,23 @@ def poll_job(job_id: str, *, actor: str | None = None) -> str:
     if status is not None:
         on_settled(job_id)
     return status.value if status else "awaiting_gateway"
+
+
+def reconcile_daily() -> dict[str, int]:
+    """The beat's daily reconciliation: run it, keep the report, return its figures."""
+    from worker.reconcile import reconcile
+
+    settings = get_settings()
+    report = reconcile(actor="reconcile:beat")
+    if settings.reports_dir is not None:
+        settings.reports_dir.mkdir(parents=True, exist_ok=True)
+        name = f"reconcile-{report.started_at.replace(':', '').replace('-', '')}.json"
+        (settings.reports_dir / name).write_text(report.model_dump_json(indent=2) + "\n")
+    figures = {
+        "checked": report.checked,
+        "corrected": len(report.corrected),
+        "needs_human": len(report.needs_human),
+        "unreachable": len(report.unreachable),
+    }
+    log.info("reconcile.done", **figures)
+    return figures

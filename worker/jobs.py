@@ -391,7 +391,7 @@ def claim_job(job_id: str, lease_owner: str, lease_seconds: float) -> Claim | No
             return None
         # Snapshot before the UPDATE: an ORM-enabled UPDATE synchronises loaded objects.
         previous = JobStatus(job.status)
-        snapshot = replace(_claim_of(job, lease_owner), attempt_count=job.attempt_count + 1)
+        snapshot = replace(claim_of(job, lease_owner), attempt_count=job.attempt_count + 1)
         moved = transition(
             session,
             job_id,
@@ -705,7 +705,7 @@ def reap(
             attempt.finished_at = now
             attempt.outcome_class = "worker_lost"
             attempt.message = f"lease of {attempt.lease_owner} expired during the call"
-        claim = _claim_of(job, dead_owner or "")
+        claim = claim_of(job, dead_owner or "")
         sent = any(a.purpose == "send" for a in sending)
         if sent:
             error: GatewayError = Ambiguous(
@@ -901,10 +901,11 @@ def poll_target(job_id: str, actor: str) -> PollTarget | None:
         job = session.get(Job, job_id)
         if job is None or job.status != S.AWAITING_GATEWAY.value:
             return None
-        return PollTarget(claim=_claim_of(job, actor), poll_count=job.poll_count)
+        return PollTarget(claim=claim_of(job, actor), poll_count=job.poll_count)
 
 
-def _claim_of(job: Job, actor: str) -> Claim:
+def claim_of(job: Job, actor: str) -> Claim:
+    """A detached snapshot of `job` as a gateway call needs it."""
     return Claim(
         job_id=job.id,
         lease_owner=actor,
@@ -924,22 +925,50 @@ def _claim_of(job: Job, actor: str) -> Claim:
     )
 
 
-def record_poll(claim: Claim, poll_count: int) -> int:
-    """The poll's attempt row (`purpose="poll"`), committed before the call like any other."""
+def record_poll(claim: Claim, poll_count: int, purpose: str = "poll") -> int:
+    """A status check's attempt row (`poll`, `reconcile`), committed before the call like any
+    other gateway call."""
     with write_session() as session:
         attempt = Attempt(
             job_id=claim.job_id,
             number=poll_count,
-            purpose="poll",
+            purpose=purpose,
             state="sending",
             lease_owner=claim.lease_owner,
             started_at=utcnow(),
-            request_summary={"purpose": "poll", "provider_reference": claim.provider_reference},
+            request_summary={"purpose": purpose, "provider_reference": claim.provider_reference},
         )
         session.add(attempt)
         session.flush()
         assert attempt.id is not None
         return attempt.id
+
+
+def finish_check(
+    session: Session,
+    attempt_id: int,
+    *,
+    result: GatewayResult | None,
+    error: GatewayError | None,
+    duration_ms: float,
+) -> None:
+    """Complete a status check's attempt row with what came back."""
+    answer: GatewayResult | GatewayError | None = result if result is not None else error
+    session.execute(
+        update(Attempt)
+        .where(col(Attempt.id) == attempt_id)
+        .values(
+            state="done",
+            finished_at=utcnow(),
+            duration_ms=duration_ms,
+            http_status=answer.http_status if answer is not None else None,
+            outcome_class=(
+                result.outcome.value if result else error.outcome_class if error else None
+            ),
+            code=answer.code if answer is not None else None,
+            message=answer.message if answer is not None else None,
+        )
+    )
 
 
 def apply_poll(
@@ -990,23 +1019,7 @@ def apply_poll(
                 note=f"status poll answered {result.outcome.value}: a human must look",
             )
     with write_session() as session:
-        session.execute(
-            update(Attempt)
-            .where(col(Attempt.id) == attempt_id)
-            .values(
-                state="done",
-                finished_at=now,
-                duration_ms=duration_ms,
-                http_status=(
-                    result.http_status if result else error.http_status if error else None
-                ),
-                outcome_class=(
-                    result.outcome.value if result else error.outcome_class if error else None
-                ),
-                code=result.code if result else error.code if error else None,
-                message=result.message if result else error.message if error else None,
-            )
-        )
+        finish_check(session, attempt_id, result=result, error=error, duration_ms=duration_ms)
         if decision is None:
             values: dict[str, Any] = {"updated_at": now}
             if result is not None:
@@ -1038,3 +1051,144 @@ def apply_poll(
             note=decision.note,
         )
         return decision.to if moved else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Operators and reconciliation.
+# ---------------------------------------------------------------------------------------------
+
+RESOLVABLE = (S.UNKNOWN, S.AWAITING_GATEWAY)
+
+
+def operator_retry(job_id: str, *, actor: str, note: str | None, force: bool) -> JobStatus:
+    """Re-drive a `failed` job — or, with `force`, an `unknown` one (which may refund twice if
+    the earlier send did reach the gateway). The attempt budget starts afresh; a pending status
+    check is kept, so a gateway that can be asked still is, before anything is sent."""
+    from worker.errors import JobNotFound, TransitionRefused
+
+    allowed = [S.FAILED, S.UNKNOWN] if force else [S.FAILED]
+    now = utcnow()
+    with write_session() as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            raise JobNotFound(job_id)
+        if job.status == S.UNKNOWN.value and not force:
+            raise TransitionRefused(
+                f"job {job_id} is unknown: its last send may have reached the gateway, so a "
+                "retry may refund twice; reconcile it, resolve it, or retry with --force"
+            )
+        if job.status not in {s.value for s in allowed}:
+            raise TransitionRefused(
+                f"job {job_id} is {job.status}; only failed (or, with --force, unknown) jobs "
+                "can be retried"
+            )
+        moved = transition(
+            session,
+            job_id,
+            from_statuses=[JobStatus(job.status)],
+            to=S.QUEUED,
+            actor=actor,
+            values={
+                "attempt_count": 0,
+                "next_attempt_at": now,
+                "message_due_at": now,
+                "finished_at": None,
+                "last_error_retryable": None,
+            },
+            note=note or ("forced retry of an unknown job" if force else "operator retry"),
+            detail={"forced": force},
+        )
+        if not moved:
+            raise TransitionRefused(f"job {job_id} changed meanwhile; look again")
+    return S.QUEUED
+
+
+def operator_resolve(job_id: str, to: JobStatus, *, actor: str, note: str) -> JobStatus:
+    """An operator states the outcome of an `unknown` (or still awaiting) job, having checked
+    with the gateway by other means. Recorded with who and why."""
+    from worker.errors import JobNotFound, TransitionRefused
+
+    if to not in (S.SUCCEEDED, S.DECLINED, S.FAILED):
+        raise TransitionRefused("resolve to succeeded, declined or failed")
+    if not note or not note.strip():
+        raise TransitionRefused("say why (--note): the next operator will read it")
+    with write_session() as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            raise JobNotFound(job_id)
+        current = JobStatus(job.status)
+        if current not in RESOLVABLE or to not in TRANSITIONS[current]:
+            raise TransitionRefused(
+                f"job {job_id} is {current.value}; only unknown (or awaiting_gateway, to "
+                "succeeded/declined) jobs can be resolved by hand"
+            )
+        moved = transition(
+            session,
+            job_id,
+            from_statuses=[current],
+            to=to,
+            actor=actor,
+            values={"last_error_retryable": False},
+            note=note,
+            event_kind="resolved",
+        )
+        if not moved:
+            raise TransitionRefused(f"job {job_id} changed meanwhile; look again")
+    return to
+
+
+def reconcile_transition(
+    job_id: str,
+    *,
+    from_status: JobStatus,
+    result: GatewayResult,
+    actor: str,
+    poll_delays: Sequence[float],
+    poll_deadline_seconds: float,
+) -> JobStatus | None:
+    """Correct a job the gateway has a definite answer for, through the state machine, with a
+    `reconciled` event. None if the job moved meanwhile (the compare-and-set lost)."""
+    now = utcnow()
+    values: dict[str, Any] = {"raw_status": result.raw_status, "needs_status_check": False}
+    if result.provider_reference:
+        values["provider_reference"] = result.provider_reference
+    if result.outcome is Outcome.SUCCEEDED:
+        to = S.SUCCEEDED
+        values.update(last_error_code=None, last_error_message=None, last_error_retryable=None)
+    elif result.outcome is Outcome.DECLINED:
+        to = S.DECLINED
+        values.update(
+            last_error_code=result.code,
+            last_error_message=result.message,
+            last_error_retryable=False,
+        )
+    elif result.outcome is Outcome.NOT_FOUND:
+        to = S.FAILED
+        values.update(
+            last_error_code="NOT_AT_GATEWAY",
+            last_error_message="the gateway never received it (reconciliation)",
+            last_error_retryable=False,
+        )
+    elif result.outcome is Outcome.PENDING:
+        to = S.AWAITING_GATEWAY
+        values.update(
+            next_poll_at=now + timedelta(seconds=poll_delays[0]),
+            poll_deadline_at=now + timedelta(seconds=poll_deadline_seconds),
+            poll_count=0,
+            finished_at=None,
+        )
+    else:
+        return None
+    with write_session() as session:
+        moved = transition(
+            session,
+            job_id,
+            from_statuses=[from_status],
+            to=to,
+            actor=actor,
+            values=values,
+            note=f"reconciled: the gateway says {result.raw_status or result.outcome.value}",
+            detail={"gateway_outcome": result.outcome.value, "code": result.code},
+            event_kind="reconciled",
+        )
+    return to if moved else None

@@ -20,4 +20,5 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
         "dispatch-queued": every(settings.dispatch_interval_seconds, "refundq.dispatch_queued"),
         "reap-expired": every(settings.reap_interval_seconds, "refundq.reap_expired"),
         "poll-pending": every(settings.poll_interval_seconds, "refundq.poll_pending"),
+        "reconcile-daily": every(settings.reconcile_interval_seconds, "refundq.reconcile"),
     }

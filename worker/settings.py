@@ -7,6 +7,7 @@ module holds what the runtime needs: where the database and broker are, and the 
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -57,6 +58,10 @@ class Settings(BaseSettings):
     poll_deadline_seconds: float = Field(default=7 * 24 * 3600.0, gt=0)
     # A table of delays (seconds) between status polls; the last one repeats. See worker/polling.py.
     poll_schedule_seconds: list[float] | None = None
+
+    # --- Reconciliation ------------------------------------------------------------------------
+    reconcile_interval_seconds: float = Field(default=24 * 3600.0, gt=0)
+    reports_dir: Path | None = None
 
     # --- Webhooks -----------------------------------------------------------------------------
     # Derives per-job callback tokens (HMAC); without it no callback URL is handed out.

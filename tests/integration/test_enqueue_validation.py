@@ -44,13 +44,13 @@ BAD_INPUT = [
 def nothing_stored_or_published(stack: Stack) -> None:
     with read_session() as session:
         assert session.execute(select(func.count()).select_from(Job)).scalar_one() == 0
-    assert stack.redis.client().llen("refundq") == 0
+    assert stack.broker().llen("refundq") == 0
 
 
 @pytest.fixture
 def idle(stack_factory) -> Stack:
     stack: Stack = stack_factory()
-    stack.redis.client().delete("refundq")
+    stack.broker().delete("refundq")
     return stack
 
 

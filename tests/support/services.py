@@ -41,7 +41,10 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return self.url_for(0)
+
+    def url_for(self, db: int) -> str:
+        return f"redis://127.0.0.1:{self.port}/{db}"
 
     def start(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -56,6 +59,10 @@ class RedisServer:
                 "",
                 "--appendonly",
                 "no",
+                # One logical database per test stack: a message a dying process of one test
+                # publishes can never reach the next test's workers.
+                "--databases",
+                "10000",
                 "--dir",
                 str(self.directory),
                 "--logfile",
@@ -72,8 +79,8 @@ class RedisServer:
         except redis.RedisError:
             return False
 
-    def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port)
+    def client(self, db: int = 0) -> redis.Redis:
+        return redis.Redis(port=self.port, db=db)
 
     def flushall(self) -> None:
         self.client().flushall()

@@ -5,6 +5,7 @@ subprocesses. The test process itself is the producer, with the same settings.""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import shutil
 import signal
@@ -18,9 +19,22 @@ from typing import Any
 
 from tests.support.polling import wait_for
 from tests.support.sandbox import SandboxAdmin
-from tests.support.services import PostgresServer, RedisServer
+from tests.support.services import PostgresServer, RedisServer, free_port
 
 REPO = Path(__file__).resolve().parents[2]
+_REDIS_DBS = itertools.count(1)
+_SPAWNED: list[subprocess.Popen[bytes]] = []
+
+
+def kill_everything_spawned() -> None:
+    """Kill every process group the harness started that still runs."""
+    for popen in _SPAWNED:
+        if popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(popen.pid, signal.SIGKILL)
+            popen.wait(timeout=30)
+    _SPAWNED.clear()
+
 
 # Fast clocks for tests; the invariants `Settings` checks still hold (time limit < lease, HTTP
 # timeouts < time limit). Long enough that a loaded 2-core CI machine does not trip them.
@@ -87,14 +101,26 @@ class Stack:
     workdir: Path
     extra_env: dict[str, str] = field(default_factory=dict)
     processes: list[Process] = field(default_factory=list)
+    api_port: int = field(default_factory=free_port)
+    redis_db: int = field(default_factory=lambda: next(_REDIS_DBS))
     _saved_env: dict[str, str | None] = field(default_factory=dict)
+
+    def broker(self) -> Any:
+        """A Redis client on this stack's broker database."""
+        return self.redis.client(self.redis_db)
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
 
     # --- environment ------------------------------------------------------------------------
     def env(self) -> dict[str, str]:
         return {
-            "REFUNDQ_BROKER_URL": self.redis.url,
+            "REFUNDQ_BROKER_URL": self.redis.url_for(self.redis_db),
             "REFUNDQ_DATABASE_URL": self.database_url,
             "REFUNDQ_WEBHOOK_SECRET": "test-webhook-secret",
+            # Where the sandbox's vaultspay calls back: this stack's API (`start_api`).
+            "REFUNDQ_VAULTSPAY_CALLBACK_BASE_URL": self.api_url,
             **FAST_TIMING,
             **self.sandbox_env,
             **self.extra_env,
@@ -133,6 +159,7 @@ class Stack:
             start_new_session=True,
         )
         handle.close()
+        _SPAWNED.append(popen)
         process = Process(name, popen, log_path)
         self.processes.append(process)
         return process
@@ -197,6 +224,37 @@ class Stack:
             message=lambda: f"beat {name} to start; log:\n{process.log()[-3000:]}",
         )
         assert process.alive(), f"beat {name} died at start:\n{process.log()[-3000:]}"
+        return process
+
+    def start_api(self, name: str = "api", **env: str) -> Process:
+        """The HTTP side (`uvicorn worker.api:app`) on this stack's API port."""
+        argv = [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "worker.api:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.api_port),
+            "--log-level",
+            "warning",
+            "--no-access-log",
+        ]
+        process = self._spawn(name, argv, self.child_env(**env) if env else None)
+
+        def answers() -> bool:
+            import httpx
+
+            if not process.alive():
+                return True
+            try:
+                return httpx.get(self.api_url + "/healthz", timeout=1).status_code < 600
+            except httpx.HTTPError:
+                return False
+
+        wait_for(answers, timeout=30, message=lambda: f"api to answer:\n{process.log()[-3000:]}")
+        assert process.alive(), f"api died at start:\n{process.log()[-3000:]}"
         return process
 
     def kill(self, process: Process, sig: int = signal.SIGKILL) -> None:
