@@ -343,6 +343,9 @@ def resolve_cmd(
             operator_resolve(job_id, final[as_status], actor=_operator(by), note=note)
         except TransitionRefused as exc:
             _fail(EXIT_BAD_INPUT, str(exc))
+    from worker.engine import on_settled
+
+    on_settled(job_id)
     err.print(f"job {job_id} resolved as {as_status}", highlight=False)
 
 
@@ -476,6 +479,11 @@ def sandbox_cmd(
     if env_file is not None:
         env_file.write_text("\n".join(lines) + "\n", encoding="utf-8")
     run(host=host, port=port, config=config)
+
+
+# ---- apikey commands (HTTP API) -------------------------------------------------------------
+
+# ---- demo -------------------------------------------------------------------------------------
 
 
 def main() -> None:

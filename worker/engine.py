@@ -208,7 +208,9 @@ def _after_turn(job_id: str, turn: jobs.Turn, publish: Publish, settings: Settin
 
 
 def on_settled(job_id: str) -> None:
-    """Hook for a job reaching a final state or `unknown` (notifications attach here)."""
+    """The one hook for a job reaching a final state or `unknown`, whoever moved it there (a
+    worker's turn, a poll, the reaper, reconciliation, an operator). Notifications attach here.
+    Must never raise into, or block, the caller: the job's own outcome is already committed."""
 
 
 def _summary(request: GatewayRequest, purpose: str) -> dict[str, Any]:

@@ -218,6 +218,10 @@ def _compare(  # noqa: PLR0917 - the context of one comparison
         )
         if moved is None:
             return finding("moved", "the job changed while we asked; run again", said)
+        if moved in jobs.NOTIFY_STATUSES:
+            from worker.engine import on_settled
+
+            on_settled(job.id)
         return finding("corrected", f"the gateway says {said}", said, moved)
     # A final job: compare only. A contradiction is money that may have moved the wrong way.
     money_moved = outcome in (Outcome.SUCCEEDED, Outcome.PENDING)
