@@ -11,6 +11,10 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
 
+class SettingsFileError(ValueError):
+    """A `*_FILE` variable names a file that cannot be read."""
+
+
 class FileReferenceSource(PydanticBaseSettingsSource):
     """For each field `x`, read the file named by `<PREFIX>X_FILE` (environment first, then the
     `.env` file). A trailing newline is stripped, because editors add one."""
@@ -28,7 +32,7 @@ class FileReferenceSource(PydanticBaseSettingsSource):
         try:
             text = Path(path).read_text(encoding="utf-8")
         except OSError as exc:
-            raise ValueError(
+            raise SettingsFileError(
                 f"{name} names {path!r}, which cannot be read: {exc.strerror}"
             ) from exc
         return text.rstrip("\n"), field_name, False

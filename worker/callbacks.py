@@ -1,4 +1,5 @@
-"""Gateway callbacks (vaultspay's callback hook): authenticate, record, confirm.
+"""Gateway callbacks (for gateways that call back when they settle): authenticate, record,
+confirm.
 
 A callback is not signed by the gateway, so it is authenticated by the per-job token refundq put
 in the URL it handed out (`worker.gateways.callback_url`), and even then it is only a hint: it is

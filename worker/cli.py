@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 from sqlalchemy.exc import OperationalError, ProgrammingError
 
+from providers.config import SettingsFileError
 from worker.errors import IdempotencyConflict, InvalidRequest, JobNotFound, RefundqError
 from worker.models import JobStatus
 
@@ -64,6 +66,8 @@ def _errors() -> Iterator[None]:
         _fail(EXIT_ERROR, f"database error: {text.splitlines()[0]}")
     except RefundqError as exc:
         _fail(EXIT_ERROR, str(exc))
+    except (SettingsFileError, ValidationError) as exc:
+        _fail(EXIT_ERROR, f"configuration: {exc}")
 
 
 def _parse_extras(pairs: list[str] | None) -> dict[str, str]:
