@@ -9,13 +9,15 @@ from __future__ import annotations
 
 from decimal import Decimal
 from pathlib import Path
-from typing import Literal, Self
+from typing import Annotated, Literal, Self
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DuplicateMode = Literal["replay", "refuse"]
-VaultspayFinalStatus = Literal[2, 3, 4]
+# An int in {2, 3, 4}: a `Literal[2, 3, 4]` would refuse "2", which is what an environment
+# variable delivers.
+VaultspayFinalStatus = Annotated[int, Field(ge=2, le=4)]
 
 
 class SandboxConfig(BaseSettings):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -92,9 +93,11 @@ def _stack_factory(
     tmp_path_factory: pytest.TempPathFactory,
     stacks: list[Stack],
 ) -> StackFactory:
-    def make(redis: RedisServer | None = None, **extra_env: str) -> Stack:
+    def make(
+        redis: RedisServer | None = None, sandbox: Any = None, **extra_env: str
+    ) -> Stack:
         workdir = tmp_path_factory.mktemp(f"stack-{backend}")
-        server: SandboxServer = request.getfixturevalue("sandbox_server")
+        server = sandbox or request.getfixturevalue("sandbox_server")
         stack = Stack(
             backend=backend,
             database_url=fresh_database(backend, workdir, request),

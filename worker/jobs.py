@@ -349,6 +349,7 @@ class Claim:
     needs_status_check: bool
     ambiguous_sends: int
     previous_status: str
+    created_at: datetime | None = None
 
     def gateway_request(self, callback_url: str | None = None) -> GatewayRequest:
         amount = original = None
@@ -531,7 +532,12 @@ def decide_error(
         else:  # RESEND: the same reference again cannot refund twice.
             needs_check = False
             values["needs_status_check"] = False
-    if claim.attempt_count >= capabilities.max_attempts:
+    exhausted = claim.attempt_count >= capabilities.max_attempts
+    if exhausted and not ambiguous_send and _within_patience(claim, error, retry):
+        # Never reached the gateway, and still within the patience window: an outage is
+        # waited out rather than turned into a failed refund (nothing is lost by waiting).
+        exhausted = False
+    if exhausted:
         values["last_error_retryable"] = False
         if ambiguous_sends > 0 or needs_check:
             return Decision(
@@ -552,6 +558,18 @@ def decide_error(
     # should hold, leaves it to the dispatcher, which then runs it `redispatch_after` late).
     values.update(last_error_retryable=True, next_attempt_at=due, message_due_at=due)
     return Decision(S.RETRY_WAIT, values, retry_delay=delay)
+
+
+def _within_patience(claim: Claim, error: GatewayError, retry: policy.RetryPolicy) -> bool:
+    """A not-sent error (connect refused, 503, 429) — of a send, or of the status check that
+    must settle an earlier ambiguous send — on a job still younger than the policy's patience.
+    Both are safe to repeat: nothing reached the gateway this time."""
+    from providers.base import NotSent
+
+    if not isinstance(error, NotSent) or claim.created_at is None:
+        return False
+    age = (utcnow() - claim.created_at).total_seconds()
+    return age < retry.patience_seconds
 
 
 class Resolution(enum.StrEnum):
@@ -922,6 +940,7 @@ def claim_of(job: Job, actor: str) -> Claim:
         needs_status_check=job.needs_status_check,
         ambiguous_sends=job.ambiguous_sends,
         previous_status=job.status,
+        created_at=job.created_at,
     )
 
 

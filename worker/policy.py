@@ -26,6 +26,9 @@ class RetryPolicy:
     base_seconds: float
     cap_seconds: float
     floor_seconds: float
+    # A job whose sends never reached the gateway (connect refused, 503, 429) fails only when
+    # it has used its attempts *and* has been trying this long: outages are waited out.
+    patience_seconds: float = 0.0
 
     def delay(self, attempt: int, *, retry_after: float | None = None) -> float:
         """Seconds to wait after failed attempt number `attempt` (1-based)."""
@@ -56,6 +59,7 @@ def retry_policy(settings: Settings) -> RetryPolicy:
         base_seconds=settings.retry_base_seconds,
         cap_seconds=settings.retry_cap_seconds,
         floor_seconds=settings.retry_floor_seconds,
+        patience_seconds=settings.retry_patience_seconds,
     )
 
 

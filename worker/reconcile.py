@@ -87,7 +87,9 @@ def reconcile(
         if progress is not None:
             progress(index, len(candidates))
     for finding in findings:
-        log.info("reconcile.finding", **finding.model_dump())
+        # Agreement is the common case; what needed doing (or a human) is worth a log line.
+        emit = log.debug if finding.action == "agrees" else log.info
+        emit("reconcile.finding", **finding.model_dump())
     return Report(
         started_at=iso(started) or "",
         finished_at=iso(utcnow()) or "",

@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     retry_base_seconds: float = Field(default=2.0, gt=0)
     retry_cap_seconds: float = Field(default=600.0, gt=0)
     retry_floor_seconds: float = Field(default=1.0, ge=0)
+    # How long a refund that never reached its gateway keeps trying through an outage before it
+    # fails (it fails only once its attempts are used up too).
+    retry_patience_seconds: float = Field(default=3600.0, ge=0)
     # Countdowns longer than this are not handed to Celery (they would outlive the broker's
     # visibility timeout and run twice); `dispatch_queued` picks the job up from the database.
     max_countdown_seconds: float = Field(default=300.0, gt=0)

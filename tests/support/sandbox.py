@@ -3,6 +3,7 @@ small client for their admin API (payments, ledger, call log, faults)."""
 
 from __future__ import annotations
 
+import subprocess
 import threading
 from decimal import Decimal
 from pathlib import Path
@@ -48,6 +49,59 @@ class SandboxServer:
         from sandbox.serve import env_lines
 
         lines = env_lines(self.base_url, self.config, self.private_key_path)
+        return dict(line.split("=", 1) for line in lines)
+
+
+class SandboxProcess:
+    """The simulators as a process of their own (`python -m sandbox`), for runs that load them
+    hard (chaos): they do not share the test process's interpreter. Configured through the
+    `REFUNDQ_SANDBOX_*` environment (fault seed, vaultspay auto-advance, ...)."""
+
+    def __init__(self, directory: Path, **config: str) -> None:
+        from sandbox.keys import generate_bbmsl_keypair
+
+        directory.mkdir(parents=True, exist_ok=True)
+        self.directory = directory
+        self.private_key_path, self.public_key_path = generate_bbmsl_keypair(directory)
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.config_env = {f"REFUNDQ_SANDBOX_{k.upper()}": v for k, v in config.items()}
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        import os
+        import sys
+
+        from tests.support.stack import REPO, register_spawned
+
+        log = (self.directory / "sandbox.log").open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "sandbox", "--host", "127.0.0.1", "--port", str(self.port),
+             "--bbmsl-public-key-file", str(self.public_key_path)],
+            cwd=REPO, env={**os.environ, **self.config_env, "PYTHONPATH": str(REPO)},
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        log.close()
+        register_spawned(self.process)
+
+        def answers() -> bool:
+            try:
+                return httpx.get(self.base_url + "/_admin/faults", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(answers, timeout=30, message="the sandbox process to answer")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+    def env(self) -> dict[str, str]:
+        from sandbox.config import SandboxConfig
+        from sandbox.serve import env_lines
+
+        lines = env_lines(self.base_url, SandboxConfig(), self.private_key_path)
         return dict(line.split("=", 1) for line in lines)
 
 

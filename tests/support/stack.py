@@ -26,6 +26,11 @@ _REDIS_DBS = itertools.count(1)
 _SPAWNED: list[subprocess.Popen[bytes]] = []
 
 
+def register_spawned(popen: subprocess.Popen[bytes]) -> None:
+    """Have `kill_everything_spawned` take care of a process started elsewhere."""
+    _SPAWNED.append(popen)
+
+
 def kill_everything_spawned() -> None:
     """Kill every process group the harness started that still runs."""
     for popen in _SPAWNED:
@@ -46,6 +51,7 @@ FAST_TIMING = {
     "REFUNDQ_RETRY_BASE_SECONDS": "0.2",
     "REFUNDQ_RETRY_FLOOR_SECONDS": "0.1",
     "REFUNDQ_RETRY_CAP_SECONDS": "2",
+    "REFUNDQ_RETRY_PATIENCE_SECONDS": "0",
     "REFUNDQ_DISPATCH_INTERVAL_SECONDS": "0.5",
     "REFUNDQ_REAP_INTERVAL_SECONDS": "0.5",
     "REFUNDQ_POLL_INTERVAL_SECONDS": "0.5",

@@ -132,3 +132,40 @@ def test_every_transition_in_the_table_is_checked():
     with pytest.raises(jobs.TransitionError):
         jobs.check_transition([JobStatus.DECLINED], JobStatus.SUBMITTING)
     jobs.check_transition([JobStatus.QUEUED, JobStatus.RETRY_WAIT], JobStatus.SUBMITTING)
+
+
+def test_an_outage_is_waited_out_within_the_patience_window_then_fails():
+    import dataclasses
+    from datetime import timedelta
+
+    from worker.clock import utcnow
+
+    patient = dataclasses.replace(RETRY, patience_seconds=600)
+    young = dataclasses.replace(claim(3), created_at=utcnow() - timedelta(seconds=30))
+    old = dataclasses.replace(claim(3), created_at=utcnow() - timedelta(seconds=700))
+    assert jobs.decide_error(young, NO_QUERY_NO_KEY, NotSent("503"), "send", patient).to is (
+        JobStatus.RETRY_WAIT
+    )
+    assert jobs.decide_error(old, NO_QUERY_NO_KEY, NotSent("503"), "send", patient).to is (
+        JobStatus.FAILED
+    )
+    # Patience never stretches an ambiguous send: that one is decided by rule 5 at once.
+    assert jobs.decide_error(young, NO_QUERY_NO_KEY, Ambiguous("reset"), "send", patient).to is (
+        JobStatus.UNKNOWN
+    )
+
+
+def test_a_status_check_that_cannot_reach_the_gateway_is_also_patient():
+    import dataclasses
+    from datetime import timedelta
+
+    from worker.clock import utcnow
+
+    patient = dataclasses.replace(RETRY, patience_seconds=600)
+    checking = dataclasses.replace(claim(6, needs_check=True, ambiguous=1),
+                                   created_at=utcnow() - timedelta(seconds=30))
+    decision = jobs.decide_error(checking, QUERY_BY_OWN_REF, NotSent("503"), "status", patient)
+    assert decision.to is JobStatus.RETRY_WAIT
+    expired = dataclasses.replace(checking, created_at=utcnow() - timedelta(seconds=900))
+    assert jobs.decide_error(expired, QUERY_BY_OWN_REF, NotSent("503"), "status",
+                             patient).to is JobStatus.UNKNOWN
