@@ -90,17 +90,16 @@ def parse_amount(value: Any, currency: str, *, field: str = "amount") -> Decimal
         raise InvalidRequest(field, f"{value!r} is not a finite amount")
     if amount <= 0:
         raise InvalidRequest(field, f"{value!r} must be greater than zero")
+    # Before any arithmetic: Decimal's 28-digit context cannot quantize a longer number.
+    if amount.adjusted() + 1 > MAX_INTEGER_DIGITS:
+        raise InvalidRequest(field, f"{value} is too large (at most {MAX_INTEGER_DIGITS} digits)")
     # Trailing zeros beyond the currency's decimals are harmless ("50.000" USD is 50.00).
     places_needed = max(0, -int(amount.normalize().as_tuple().exponent))
     if places_needed > exponent:
         raise InvalidRequest(
             field, f"{value} has {places_needed} decimal places; {currency.upper()} has {exponent}"
         )
-    quantum = Decimal(1).scaleb(-exponent)
-    amount = amount.quantize(quantum)
-    if len(str(int(amount))) > MAX_INTEGER_DIGITS:
-        raise InvalidRequest(field, f"{value} is too large (at most {MAX_INTEGER_DIGITS} digits)")
-    return amount
+    return amount.quantize(Decimal(1).scaleb(-exponent))
 
 
 def to_minor(amount: Decimal, currency: str) -> int:

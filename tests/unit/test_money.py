@@ -49,6 +49,8 @@ def test_valid_amounts_become_decimals_in_the_currencys_minor_unit(value, curren
         (True, "USD", "bool"),
         (None, "USD", "string or Decimal"),
         ("9" * 16, "USD", "too large"),
+        ("1" * 40, "USD", "too large"),  # beyond Decimal's 28-digit context
+        ("1" * 27 + ".5", "USD", "too large"),
         ("50", "XXX", "not a currency used for payments"),
         ("50", "XTS", "not a currency used for payments"),
         ("50", "XAU", "not a currency used for payments"),
