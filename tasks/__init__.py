@@ -46,3 +46,23 @@ def reconcile() -> dict[str, int]:
     """Daily: compare jobs with the gateways; the report goes to the log (and to
     REFUNDQ_REPORTS_DIR when set)."""
     return engine.reconcile_daily()
+
+
+# ---- notifications to shops (HTTP API, issue 5) ----------------------------------------------
+
+
+@app.task(name="refundq.notify", acks_late=True)
+def notify(job_id: str) -> str:
+    """POST the job's due notifications to its shop (worker/notify.py); a retry, if any, is
+    published as a countdown here or left to the sweep."""
+    from worker import notify as notifications
+
+    return notifications.deliver(job_id, publish=notifications.publish_notification)
+
+
+@app.task(name="refundq.dispatch_notifications")
+def dispatch_notifications() -> int:
+    """Re-publish notifications that are due and whose message may be lost."""
+    from worker import notify as notifications
+
+    return notifications.dispatch_due(publish=notifications.publish_notification)

@@ -93,9 +93,7 @@ def _stack_factory(
     tmp_path_factory: pytest.TempPathFactory,
     stacks: list[Stack],
 ) -> StackFactory:
-    def make(
-        redis: RedisServer | None = None, sandbox: Any = None, **extra_env: str
-    ) -> Stack:
+    def make(redis: RedisServer | None = None, sandbox: Any = None, **extra_env: str) -> Stack:
         workdir = tmp_path_factory.mktemp(f"stack-{backend}")
         server = sandbox or request.getfixturevalue("sandbox_server")
         stack = Stack(
@@ -139,8 +137,7 @@ def running(
     stacks: list[Stack] = []
     stack = _stack_factory(str(request.param), request, tmp_path_factory, stacks)()
     try:
-        stack.start_worker()
-        stack.start_beat()
+        stack.start(workers=1, beat=True)
         yield stack
     finally:
         stack.stop_all()

@@ -468,13 +468,18 @@ def sandbox_cmd(
     """
     # Imported here and nowhere else in worker/: the runtime never loads the simulators.
     from sandbox.config import SandboxConfig
-    from sandbox.keys import generate_bbmsl_keypair
+    from sandbox.keys import PRIVATE_KEY_NAME, PUBLIC_KEY_NAME, generate_bbmsl_keypair
     from sandbox.serve import env_lines, run
 
     config = SandboxConfig()
     private_key_path: Path | None = None
     if not config.bbmsl_public_key:
-        private_key_path, public_key_path = generate_bbmsl_keypair(keys_dir)
+        # Reuse a pair made by an earlier start: a worker already signing with that private key
+        # keeps working when only the sandbox restarts.
+        private_key_path = keys_dir / PRIVATE_KEY_NAME
+        public_key_path = keys_dir / PUBLIC_KEY_NAME
+        if not (private_key_path.is_file() and public_key_path.is_file()):
+            private_key_path, public_key_path = generate_bbmsl_keypair(keys_dir)
         config = config.model_copy(update={"bbmsl_public_key": public_key_path.read_text()})
     lines = env_lines(f"http://{host}:{port}", config, private_key_path)
     err.print("# settings for a worker talking to this sandbox:", highlight=False)
@@ -487,7 +492,98 @@ def sandbox_cmd(
 
 # ---- apikey commands (HTTP API) -------------------------------------------------------------
 
+apikey_app = typer.Typer(
+    help="API keys for the HTTP API (stored as salted hashes; docs/http-api.md).",
+    no_args_is_help=True,
+)
+app.add_typer(apikey_app, name="apikey")
+
+
+@apikey_app.command("create")
+def apikey_create_cmd(
+    name: Annotated[
+        str,
+        typer.Argument(
+            metavar="NAME",
+            help="Whose key (a shop's back end): letters, digits, '_', '.', '-'. Its "
+            "Idempotency-Keys are scoped by it.",
+        ),
+    ],
+    file: Annotated[
+        Path | None,
+        typer.Option(
+            "--file",
+            help="Append the hash here (default: REFUNDQ_API_KEYS_FILE, else ./refundq-api-keys).",
+        ),
+    ] = None,
+) -> None:
+    """Make an API key: its hash goes to the keys file the API reads, the key itself is printed
+    once, as the last line, and stored nowhere."""
+    from worker import apikeys
+    from worker.settings import get_settings
+
+    configured = get_settings().api_keys_file
+    target = file or configured
+    with _errors():
+        key, stored = apikeys.new_key(name)
+    try:
+        apikeys.append_key(target, stored)
+    except OSError as exc:
+        _fail(EXIT_ERROR, f"cannot write {target}: {exc.strerror}")
+    err.print(
+        f"API key {stored.key_id} for {name!r} created; its hash is in {target.resolve()}. "
+        "The key is shown below, once: refundq keeps only its hash.",
+        highlight=False,
+    )
+    if target.resolve() != configured.resolve():
+        err.print(
+            f"[bold yellow]note:[/] the API reads {configured.resolve()}; set "
+            f"REFUNDQ_API_KEYS_FILE={target} for it to read this key",
+            highlight=False,
+        )
+    typer.echo(key)
+
+
+@apikey_app.command("list")
+def apikey_list_cmd() -> None:
+    """The API keys the API accepts now: name and key id (never a key; they are not stored)."""
+    from worker.apikeys import keyring
+
+    table = Table()
+    for column in ("name", "key id"):
+        table.add_column(column)
+    for stored_keys in keyring.keys().values():
+        for stored in stored_keys:
+            table.add_row(stored.name, stored.key_id)
+    out.print(table)
+
+
 # ---- demo -------------------------------------------------------------------------------------
+
+
+@app.command("demo")
+def demo_cmd(
+    keep: Annotated[
+        bool, typer.Option("--keep", help="Keep the work directory (database, logs, keys).")
+    ] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Show every admin call and job change.")
+    ] = False,
+    timeout: Annotated[
+        float, typer.Option(min=5, help="Seconds to wait for the jobs before giving up.")
+    ] = 45.0,
+) -> None:
+    """Everything on this machine: sandbox gateways, a worker, beat and a mix of jobs.
+
+    Broker: REFUNDQ_BROKER_URL, else Redis on localhost:6379, else a private redis-server.
+
+    A fresh temporary SQLite database; every process it starts is stopped at the end.
+
+    Exit code 0 only if every job ends in its expected state.
+    """
+    from worker.demo import run_demo
+
+    raise typer.Exit(run_demo(keep=keep, verbose=verbose, timeout=timeout))
 
 
 def main() -> None:

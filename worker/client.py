@@ -194,7 +194,7 @@ def _enqueue(
     notify_url: str | None,
     extras: Mapping[str, Any],
 ) -> JobView:
-    new = build_new_job(
+    view, _created = submit(
         kind,
         provider=provider,
         payment_ref=payment_ref,
@@ -206,11 +206,46 @@ def _enqueue(
         notify_url=notify_url,
         extras=extras,
     )
+    return view
+
+
+def submit(
+    kind: Kind,
+    *,
+    provider: Any,
+    payment_ref: Any,
+    idempotency_key: Any,
+    amount: Any = None,
+    currency: Any = None,
+    reason: Any = None,
+    original_amount: Any = None,
+    notify_url: Any = None,
+    extras: Mapping[str, Any] | None = None,
+) -> tuple[JobView, bool]:
+    """Validate and store a refund or cancel, publish it if it is new: `(view, created)`.
+
+    `created` is False for a replay (the same idempotency key with the same request), whose
+    view is the earlier job as it stands now. What `enqueue_refund`/`enqueue_cancel` do, for
+    callers that must tell the two apart (the HTTP API answers 202 or 200). Raises
+    `InvalidRequest` (nothing stored) and `IdempotencyConflict`.
+    """
+    new = build_new_job(
+        kind,
+        provider=provider,
+        payment_ref=payment_ref,
+        amount=amount,
+        currency=currency,
+        idempotency_key=idempotency_key,
+        reason=reason,
+        original_amount=original_amount,
+        notify_url=notify_url,
+        extras=extras or {},
+    )
     job, created = jobs.insert_job(new, uuid.uuid4().hex)
     view = JobView.of(job)
     if created:
         publish_new(job.id)
-    return view
+    return view, created
 
 
 def publish_new(job_id: str) -> None:

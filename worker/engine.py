@@ -23,7 +23,7 @@ from providers.base import (
     Outcome,
     RateLimited,
 )
-from worker import gateways, jobs, policy
+from worker import gateways, jobs, policy, ratelimit
 from worker.clock import utcnow
 from worker.errors import ProviderUnavailable
 from worker.failpoints import failpoint
@@ -69,8 +69,11 @@ def execute_job(job_id: str, *, publish: Publish, owner: str | None = None) -> s
         return _after_turn(job_id, turn, publish, settings)
     capabilities = provider.capabilities
     request = claim.gateway_request(callback_url=gateways.callback_url(claim.provider, job_id))
+    limiter = ratelimit.limiter(settings)
 
     if claim.needs_status_check:
+        if (deferred := _await_slot(limiter, claim)) is not None:
+            return _after_turn(job_id, deferred, publish, settings)
         attempt_id = jobs.record_attempt(claim, "status", _summary(request, "status"))
         outcome = _call(provider.status, request)
         if outcome.result is not None and outcome.result.outcome is Outcome.NOT_FOUND:
@@ -87,6 +90,8 @@ def execute_job(job_id: str, *, publish: Publish, owner: str | None = None) -> s
             )
             return _after_turn(job_id, turn, publish, settings)
 
+    if (deferred := _await_slot(limiter, claim)) is not None:
+        return _after_turn(job_id, deferred, publish, settings)
     attempt_id = jobs.record_attempt(claim, "send", _summary(request, "send"))
     failpoint("before_send")
     outcome = _call(provider.submit, request)
@@ -103,6 +108,21 @@ def execute_job(job_id: str, *, publish: Publish, owner: str | None = None) -> s
         retry_in=turn.delay_seconds,
     )
     return _after_turn(job_id, turn, publish, settings)
+
+
+def _await_slot(limiter: ratelimit.RateLimiter | None, claim: jobs.Claim) -> jobs.Turn | None:
+    """Wait for this gateway's rate limit to allow one call; if that is too far off, hand the
+    job back to the queue (no attempt spent) and return that turn."""
+    if limiter is None:
+        return None
+    reservation = limiter.wait_for_slot(claim.provider)
+    if reservation.granted:
+        return None
+    return jobs.release_claim(
+        claim,
+        reservation.wait_seconds,
+        note=f"{claim.provider} rate limit: next slot in {reservation.wait_seconds:.1f}s",
+    )
 
 
 def _call(verb: Callable[[GatewayRequest], GatewayResult], request: GatewayRequest) -> CallOutcome:
@@ -211,6 +231,14 @@ def on_settled(job_id: str) -> None:
     """The one hook for a job reaching a final state or `unknown`, whoever moved it there (a
     worker's turn, a poll, the reaper, reconciliation, an operator). Notifications attach here.
     Must never raise into, or block, the caller: the job's own outcome is already committed."""
+    # A job with a notify_url gets one notification per status change (recorded, then
+    # published; worker/notify.py). Called twice for one transition, it records nothing new.
+    try:
+        from worker.notify import notify_settled
+
+        notify_settled(job_id)
+    except Exception:
+        log.exception("notify.on_settled_failed", job_id=job_id)
 
 
 def _summary(request: GatewayRequest, purpose: str) -> dict[str, Any]:
@@ -321,6 +349,11 @@ def poll_job(job_id: str, *, actor: str | None = None) -> str:
         return "not awaiting"
     claim = target.claim
     provider = gateways.get_provider(claim.provider)
+    limiter = ratelimit.limiter()
+    if limiter is not None and not limiter.wait_for_slot(claim.provider).granted:
+        # No slot soon: skip this poll; the schedule already holds the next one.
+        log.info("job.poll_deferred", job_id=job_id, provider=claim.provider)
+        return "deferred"
     attempt_id = jobs.record_poll(claim, target.poll_count)
     outcome = _call(provider.status, claim.gateway_request())
     floor = None

@@ -636,6 +636,30 @@ def apply(
     return Turn(decision.to, Next.DONE, notify=decision.to in NOTIFY_STATUSES)
 
 
+def release_claim(claim: Claim, delay_seconds: float, *, note: str) -> Turn:
+    """Hand a claimed job back without calling the gateway and without spending an attempt
+    (its gateway's rate limit has no slot soon): retry_wait, due after `delay_seconds`."""
+    due = utcnow() + timedelta(seconds=delay_seconds)
+    with write_session() as session:
+        moved = transition(
+            session,
+            claim.job_id,
+            from_statuses=[S.SUBMITTING],
+            to=S.RETRY_WAIT,
+            actor=claim.lease_owner,
+            lease_owner=claim.lease_owner,
+            values={
+                "attempt_count": claim.attempt_count - 1,
+                "next_attempt_at": due,
+                "message_due_at": due,
+            },
+            note=note,
+        )
+    if not moved:
+        return Turn(None, Next.LOST)
+    return Turn(S.RETRY_WAIT, Next.RETRY, delay_seconds)
+
+
 def finish_status_check_not_found(claim: Claim, attempt_id: int, duration_ms: float) -> None:
     """The gateway says it never received our refund: the job may be sent again in this very
     turn (the lease is still ours). Recorded on the attempt; the status stays `submitting`."""

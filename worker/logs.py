@@ -1,6 +1,11 @@
 """Structured logs: one JSON object per line (structlog), with job id, provider, attempt and
 outcome as fields. Secrets never reach a log line: fields with secret-looking names are
-redacted, and values that look like credentials are masked wherever they appear."""
+redacted, and values that look like credentials are masked wherever they appear.
+
+Every process refundq runs logs this way: the worker and beat (Celery's `setup_logging` signal,
+`worker.app`), the API (`worker.api`, including uvicorn's own and access lines), the CLI, and
+Flower (`flowerconfig.py`). tests/ops/test_logs_and_secrets.py runs jobs with known credentials
+through all four gateways and greps every log line and broker message for them."""
 
 from __future__ import annotations
 
@@ -32,7 +37,20 @@ _SECRET_TEXT = [
         re.compile(r"(?i)((?:api[_-]?key|secret|password|token)[\"']?\s*[:=]\s*[\"']?)[^\s\"',}]+"),
         r"\1[redacted]",
     ),
+    # A signature quoted as a value (bbmsl's envelope `"signature": "<base64>"`, `signature=...`);
+    # prose such as "Invalid signature: ..." stays readable.
+    (
+        re.compile(r"(?i)([\"']signature[\"']\s*:\s*[\"']|signature=)[^\s\"',}&]+"),
+        r"\1[redacted]",
+    ),
+    # A callback URL's token (`/webhooks/<provider>/<job id>.<hmac>`) lets its holder post callbacks
+    # for that job: keep the job id, mask the HMAC (uvicorn's access log prints the path).
+    (re.compile(r"(/webhooks/[^/\s\"']+/[^/\s\"'.]+\.)[0-9A-Fa-f]+"), r"\1[redacted]"),
 ]
+
+# Libraries that install handlers of their own (uvicorn's dictConfig runs before the app module
+# is imported): their records go through the JSON handler on the root logger instead.
+_OWN_HANDLER_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access")
 
 
 def scrub(text: str) -> str:
@@ -82,6 +100,12 @@ def configure_logging(level: str | None = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    for name in _OWN_HANDLER_LOGGERS:
+        library_logger = logging.getLogger(name)
+        library_logger.handlers.clear()
+        library_logger.propagate = True
+    # Python warnings (deprecations, Celery's security warnings) become log events too.
+    logging.captureWarnings(True)
     # httpx logs every request URL at INFO; refundq logs its own attempts.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)

@@ -1,5 +1,6 @@
-"""The three tables: jobs (the source of truth), attempts (one row per gateway call) and events
-(one row per status change). Only `worker.jobs` writes `Job.status`.
+"""The tables: jobs (the source of truth), attempts (one row per gateway call), events (one
+row per status change), and the shops' notifications with their deliveries. Only `worker.jobs`
+writes `Job.status`.
 
 Money is stored as integers in the currency's minor unit (`amount_minor`), so sums in SQL are
 exact on SQLite (which has no decimal type) and PostgreSQL alike.
@@ -50,6 +51,9 @@ class Job(SQLModel, table=True):
         # the over-refund check sums a payment's live jobs.
         Index("ix_jobs_payment", "provider", "payment_ref"),
         Index("ix_jobs_created", "created_at"),
+        # `/metrics` counts jobs by status and provider and finds the oldest job of each
+        # unfinished status at every scrape: an index-only scan instead of the wide rows.
+        Index("ix_jobs_status_provider_created", "status", "provider", "created_at"),
     )
 
     id: str = Field(primary_key=True, max_length=32)
@@ -133,3 +137,62 @@ class Event(SQLModel, table=True):
     actor: str = Field(max_length=200)
     note: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
     detail: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+
+
+# ---- HTTP API: notifications to shops, and the index the metrics read (issue 5) -------------
+
+
+class NotificationState(enum.StrEnum):
+    PENDING = "pending"  # due at `next_attempt_at`
+    DELIVERED = "delivered"  # the shop answered 2xx
+    FAILED = "failed"  # every attempt was used up; the job itself is unaffected
+
+
+class Notification(SQLModel, table=True):
+    """One notice to a shop's `notify_url` that its job reached a final state or `unknown`.
+
+    At most one per status change: `event_id` is the `events` row of the transition it reports,
+    so `worker.engine.on_settled` may run twice for one transition and a job re-driven to the
+    same status later is reported again. `payload` is the job view at that moment, the exact
+    body every attempt sends.
+    """
+
+    __tablename__ = "notifications"
+    __table_args__ = (
+        # The sweep (pending and due) and the metrics (count by state) read this index only.
+        Index("ix_notifications_state_due", "state", "next_attempt_at"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    job_id: str = Field(foreign_key="jobs.id", index=True, max_length=32)
+    event_id: int = Field(foreign_key="events.id", unique=True)
+    job_status: str = Field(max_length=20)
+    url: str = Field(sa_column=Column(Text, nullable=False))
+    payload: str = Field(sa_column=Column(Text, nullable=False))
+    state: str = Field(max_length=16)
+    attempts: int = 0
+    next_attempt_at: datetime | None = None
+    # When the last message published for it was due (the sweep's yardstick, as for jobs).
+    message_due_at: datetime | None = None
+    lease_owner: str | None = Field(default=None, max_length=200)
+    lease_expires_at: datetime | None = None
+    last_http_status: int | None = None
+    last_error: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    created_at: datetime
+    updated_at: datetime
+    delivered_at: datetime | None = None
+
+
+class NotificationDelivery(SQLModel, table=True):
+    """One attempt to deliver a notification: what the shop's endpoint answered, or why not."""
+
+    __tablename__ = "notification_deliveries"
+
+    id: int | None = Field(default=None, primary_key=True)
+    notification_id: int = Field(foreign_key="notifications.id", index=True)
+    number: int
+    started_at: datetime
+    duration_ms: float | None = None
+    http_status: int | None = None
+    outcome: str = Field(max_length=16)  # delivered | rejected | unreachable | not_sent
+    error: str | None = Field(default=None, sa_column=Column(Text, nullable=True))

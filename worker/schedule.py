@@ -21,4 +21,8 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
         "reap-expired": every(settings.reap_interval_seconds, "refundq.reap_expired"),
         "poll-pending": every(settings.poll_interval_seconds, "refundq.poll_pending"),
         "reconcile-daily": every(settings.reconcile_interval_seconds, "refundq.reconcile"),
+        # Notifications to shops whose message was lost or whose wait outlived a countdown.
+        "dispatch-notifications": every(
+            settings.notify_sweep_interval_seconds, "refundq.dispatch_notifications"
+        ),
     }

@@ -9,7 +9,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from providers.config import env_with_files_sources
@@ -62,6 +62,12 @@ class Settings(BaseSettings):
     # A table of delays (seconds) between status polls; the last one repeats. See worker/polling.py.
     poll_schedule_seconds: list[float] | None = None
 
+    # --- Per-gateway rate limits (worker/ratelimit.py) ----------------------------------------
+    # JSON, calls per second per gateway, shared by all workers: '{"bbmsl": 10}'.
+    rate_limits: str | None = None
+    # Redis for the limiter's schedule (default: the broker, when it is Redis).
+    rate_limit_redis_url: str | None = None
+
     # --- Reconciliation ------------------------------------------------------------------------
     reconcile_interval_seconds: float = Field(default=24 * 3600.0, gt=0)
     reports_dir: Path | None = None
@@ -69,6 +75,33 @@ class Settings(BaseSettings):
     # --- Webhooks -----------------------------------------------------------------------------
     # Derives per-job callback tokens (HMAC); without it no callback URL is handed out.
     webhook_secret: SecretStr | None = None
+
+    # --- HTTP API for shops, and notifications to them (issue 5; docs/http-api.md) ------------
+    # API keys, stored only as salted hashes: `name:key_id:salt:hash` lines (`refundq apikey
+    # create`). REFUNDQ_API_KEYS holds such lines (newline or comma separated);
+    # REFUNDQ_API_KEYS_FILE names a file of them, which the API re-reads whenever it changes, so
+    # a new or a revoked key counts without a restart. The inline field is named apart from the
+    # file on purpose: the generic `*_FILE` mechanism would read the file once, at start, and a
+    # revoked key would be honoured until the next restart.
+    api_key_hashes: str | None = Field(
+        default=None, validation_alias=AliasChoices("REFUNDQ_API_KEYS", "api_key_hashes")
+    )
+    api_keys_file: Path = Path("refundq-api-keys")
+    # Signs what refundq POSTs to a job's notify_url (HMAC-SHA256); without it nothing is sent.
+    notify_secret: SecretStr | None = None
+    # Capped at half the task time limit (a delivery must end before Celery kills its task).
+    notify_timeout_seconds: float = Field(default=10.0, gt=0)
+    notify_max_attempts: int = Field(default=8, ge=1)
+    # Delays between deliveries of one notification; the last repeats (worker/notify.py).
+    notify_retry_schedule_seconds: list[float] | None = None
+    notify_sweep_interval_seconds: float = Field(default=5.0, gt=0)
+
+    @model_validator(mode="after")
+    def _rate_limits_readable(self) -> Settings:
+        from worker.ratelimit import parse_limits
+
+        parse_limits(self.rate_limits)
+        return self
 
     @model_validator(mode="after")
     def _time_limit_inside_lease(self) -> Settings:

@@ -49,8 +49,10 @@ def plan(size: int, *, seed: int, tag: str) -> list[Planned]:
         payment = Decimal(rng.randrange(1000, 50000)) / 100
         kind = "cancel" if gateway == "vai247" and rng.random() < 0.25 else "refund"
         partial = rng.random() < 0.4
-        amount = None if kind == "cancel" else str(
-            (payment / 2).quantize(Decimal("0.01")) if partial else payment
+        amount = (
+            None
+            if kind == "cancel"
+            else str((payment / 2).quantize(Decimal("0.01")) if partial else payment)
         )
         ref = f"{tag}-{gateway}-{i}"
         jobs.append(Planned(gateway, kind, ref, str(payment), amount, f"{tag}-key-{i}"))
@@ -60,8 +62,9 @@ def plan(size: int, *, seed: int, tag: str) -> list[Planned]:
 def create_payments(stack: Stack, jobs: list[Planned]) -> None:
     def create(job: Planned) -> None:
         status = {"vai247": "pending" if job.kind == "cancel" else "completed"}.get(job.gateway)
-        stack.sandbox.create_payment(job.gateway, job.payment_ref, job.payment_amount,
-                                     CURRENCY[job.gateway], status=status)
+        stack.sandbox.create_payment(
+            job.gateway, job.payment_ref, job.payment_amount, CURRENCY[job.gateway], status=status
+        )
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         list(pool.map(create, jobs))
@@ -72,13 +75,22 @@ def enqueue(jobs: list[Planned], *, threads: int = 4) -> dict[str, Planned]:
 
     def one(job: Planned) -> tuple[str, Planned]:
         if job.kind == "cancel":
-            view = enqueue_cancel(provider=job.gateway, payment_ref=job.payment_ref,
-                                  idempotency_key=job.idempotency_key, reason="chaos")
+            view = enqueue_cancel(
+                provider=job.gateway,
+                payment_ref=job.payment_ref,
+                idempotency_key=job.idempotency_key,
+                reason="chaos",
+            )
         else:
-            view = enqueue_refund(provider=job.gateway, payment_ref=job.payment_ref,
-                                  amount=job.amount, currency=CURRENCY[job.gateway],
-                                  original_amount=job.payment_amount,
-                                  idempotency_key=job.idempotency_key, reason="chaos")
+            view = enqueue_refund(
+                provider=job.gateway,
+                payment_ref=job.payment_ref,
+                amount=job.amount,
+                currency=CURRENCY[job.gateway],
+                original_amount=job.payment_amount,
+                idempotency_key=job.idempotency_key,
+                reason="chaos",
+            )
         return view.id, job
 
     with ThreadPoolExecutor(max_workers=threads) as pool:
@@ -133,26 +145,30 @@ def audit(stack: Stack, planned: dict[str, Planned], figures: Figures) -> Figure
     ledger = [e for e in stack.sandbox.ledger() if e["payment_ref"] in refs]
     per_payment = Counter(e["payment_ref"] for e in ledger)
     with read_session() as session:
-        jobs = {j.id: j for j in session.execute(
-            select(Job).where(Job.id.in_(list(planned)))  # type: ignore[attr-defined]
-        ).scalars()}
+        jobs = {
+            j.id: j
+            for j in session.execute(
+                select(Job).where(Job.id.in_(list(planned)))  # type: ignore[attr-defined]
+            ).scalars()
+        }
         figures.retries = session.execute(
-            select(func.count()).select_from(Attempt).where(
+            select(func.count())
+            .select_from(Attempt)
+            .where(
                 Attempt.job_id.in_(list(planned)),  # type: ignore[attr-defined]
                 Attempt.purpose.in_(["send", "status"]),  # type: ignore[attr-defined]
             )
         ).scalar_one() - len(planned)
     figures.final_states = dict(Counter(j.status for j in jobs.values()))
     figures.double_refunds = sum(1 for count in per_payment.values() if count > 1)
-    figures.lost = len(planned) - sum(
-        1 for j in jobs.values() if j.status in FINAL_OR_UNKNOWN
-    )
+    figures.lost = len(planned) - sum(1 for j in jobs.values() if j.status in FINAL_OR_UNKNOWN)
     figures.succeeded_without_ledger = sum(
         1 for j in jobs.values() if j.status == "succeeded" and per_payment[j.payment_ref] == 0
     )
     # Money moved (a ledger entry) but the job says it did not: declined, failed, or never ran.
     figures.ledger_without_job = sum(
-        1 for ref in per_payment
+        1
+        for ref in per_payment
         if jobs[refs[ref]].status not in ("succeeded", "unknown", "awaiting_gateway")
     )
     unknown = [j for j in jobs.values() if j.status == "unknown"]
@@ -160,8 +176,10 @@ def audit(stack: Stack, planned: dict[str, Planned], figures: Figures) -> Figure
     figures.unknowns_money_moved = sum(1 for j in unknown if per_payment[j.payment_ref])
     for job in unknown:
         if not explained_by_rule_5(job):
-            figures.notes.append(f"unexplained unknown {job.id} ({job.provider}): "
-                                 f"{job.last_error_code} {job.last_error_message}")
+            figures.notes.append(
+                f"unexplained unknown {job.id} ({job.provider}): "
+                f"{job.last_error_code} {job.last_error_message}"
+            )
     return figures
 
 

@@ -17,10 +17,14 @@ def race(tag: str, process: int, threads: int, keys: int) -> list[tuple[str, str
         for key in range(keys):
             idempotency_key = f"{tag}-key-{key}"
             try:
-                view = enqueue_refund(provider="vai247", payment_ref=f"{tag}-ord-{key}",
-                                      amount=amount, currency="USD",
-                                      idempotency_key=idempotency_key,
-                                      original_amount="100.00")
+                view = enqueue_refund(
+                    provider="vai247",
+                    payment_ref=f"{tag}-ord-{key}",
+                    amount=amount,
+                    currency="USD",
+                    idempotency_key=idempotency_key,
+                    original_amount="100.00",
+                )
                 results.append((idempotency_key, amount, "job", view.id))
             except IdempotencyConflict:
                 results.append((idempotency_key, amount, "conflict", ""))

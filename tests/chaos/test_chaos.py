@@ -23,7 +23,8 @@ from tests.chaos.harness import (
 )
 from tests.support.stack import Stack
 
-pytestmark = pytest.mark.chaos
+# One xdist worker runs every chaos run (they write one report, and each loads the machine).
+pytestmark = [pytest.mark.chaos, pytest.mark.xdist_group("chaos")]
 
 
 def test_worker_kills(chaos_stack, backend):
@@ -33,8 +34,7 @@ def test_worker_kills(chaos_stack, backend):
     rng = random.Random(1)
     jobs = plan(1000, seed=1, tag=f"kills-{backend}-{time.time_ns():x}")
     create_payments(stack, jobs)
-    workers = [stack.start_worker("w1"), stack.start_worker("w2")]
-    stack.start_beat()
+    workers = stack.start(workers=2)[:2]
     started = time.monotonic()
     planned = enqueue(jobs)
     kills = 0
@@ -46,8 +46,11 @@ def test_worker_kills(chaos_stack, backend):
         kills += 1
         workers[victim] = stack.start_worker(f"w{victim + 1}-{kills}")
     settle(stack, len(planned), timeout=180)
-    figures = audit(stack, planned, Figures("worker_kills", backend, len(planned),
-                                            time.monotonic() - started, kills=kills))
+    figures = audit(
+        stack,
+        planned,
+        Figures("worker_kills", backend, len(planned), time.monotonic() - started, kills=kills),
+    )
     reconcile_and_compare(planned, stack, figures)
     assert_clean(figures)
 
@@ -64,9 +67,7 @@ def test_broker_loss(chaos_stack, backend, loss, tmp_path):
     try:
         jobs = plan(600, seed=2, tag=f"broker-{loss}-{backend}-{time.time_ns():x}")
         create_payments(stack, jobs)
-        stack.start_worker("w1")
-        stack.start_worker("w2")
-        stack.start_beat()
+        stack.start(workers=2)
         started = time.monotonic()
         planned = enqueue(jobs)
         # Mid-run: some jobs done, many still waiting in Redis.
@@ -77,8 +78,11 @@ def test_broker_loss(chaos_stack, backend, loss, tmp_path):
         else:
             redis.restart()
         settle(stack, len(planned), timeout=180)
-        figures = audit(stack, planned, Figures(f"broker_{loss}", backend, len(planned),
-                                                time.monotonic() - started))
+        figures = audit(
+            stack,
+            planned,
+            Figures(f"broker_{loss}", backend, len(planned), time.monotonic() - started),
+        )
         if not in_flight:
             figures.notes.append("the broker was lost after every job had finished")
         reconcile_and_compare(planned, stack, figures)
@@ -102,17 +106,18 @@ def test_gateway_faults(chaos_stack, backend):
     """Every gateway endpoint fails in every way at once — 5% 5xx, 2% apply-then-drop, 1% 429
     with Retry-After, 1% dropped connections, 1% malformed bodies, 1% bad pgv2 response
     signatures — and one gateway is down for 30 s."""
-    stack: Stack = chaos_stack(REFUNDQ_RETRY_PATIENCE_SECONDS="120",
-                               REFUNDQ_RETRY_BASE_SECONDS="1", REFUNDQ_RETRY_CAP_SECONDS="5")
+    stack: Stack = chaos_stack(
+        REFUNDQ_RETRY_PATIENCE_SECONDS="120",
+        REFUNDQ_RETRY_BASE_SECONDS="1",
+        REFUNDQ_RETRY_CAP_SECONDS="5",
+    )
     for gateway in ("vai247", "bbmsl", "vaultspay", "pgv2"):
         for kind, options in FAULT_MIX:
             stack.sandbox.fault(gateway, "*", kind, **options)
     stack.sandbox.fault("pgv2", "*", "bad_signature", probability=0.01)
     jobs = plan(1000, seed=3, tag=f"faults-{backend}-{time.time_ns():x}")
     create_payments(stack, jobs)
-    stack.start_worker("w1")
-    stack.start_worker("w2")
-    stack.start_beat()
+    stack.start(workers=2)
     started = time.monotonic()
     planned = enqueue(jobs)
     time.sleep(1.0)
@@ -120,8 +125,17 @@ def test_gateway_faults(chaos_stack, backend):
     settle(stack, len(planned), timeout=300)
     fired = faults_fired(stack)
     stack.sandbox.clear_faults()
-    figures = audit(stack, planned, Figures("gateway_faults", backend, len(planned),
-                                            time.monotonic() - started, faults_injected=fired))
+    figures = audit(
+        stack,
+        planned,
+        Figures(
+            "gateway_faults",
+            backend,
+            len(planned),
+            time.monotonic() - started,
+            faults_injected=fired,
+        ),
+    )
     reconcile_and_compare(planned, stack, figures)
     # The outage was waited out: nothing failed for want of patience.
     assert figures.final_states.get("failed", 0) == 0, figures
@@ -138,8 +152,7 @@ def test_producers_racing(chaos_stack, backend):
     from tests.chaos.producers import race
 
     stack: Stack = chaos_stack()
-    stack.start_worker("w1")
-    stack.start_beat()
+    stack.start()
     tag = f"race-{backend}-{time.time_ns():x}"
     for key in range(20):
         stack.sandbox.create_payment("vai247", f"{tag}-ord-{key}", "100.00", "USD")
@@ -159,16 +172,22 @@ def test_producers_racing(chaos_stack, backend):
     assert conflicts, "the differing requests must be refused"
     planned = {ids.pop(): None for ids in by_key.values()}
     settle(stack, 20, timeout=60)
-    refs_refunded = {e["payment_ref"] for e in stack.sandbox.ledger("vai247")
-                     if e["payment_ref"].startswith(tag)}
+    refs_refunded = {
+        e["payment_ref"] for e in stack.sandbox.ledger("vai247") if e["payment_ref"].startswith(tag)
+    }
     ledger = [e for e in stack.sandbox.ledger("vai247") if e["payment_ref"].startswith(tag)]
-    figures = Figures("producers_racing", backend, len(outcomes), time.monotonic() - started,
-                      final_states=dict(statuses()))
+    figures = Figures(
+        "producers_racing",
+        backend,
+        len(outcomes),
+        time.monotonic() - started,
+        final_states=dict(statuses()),
+    )
     figures.double_refunds = len(ledger) - len(refs_refunded)
-    figures.notes.extend([] if len(refs_refunded) == 20 else
-                         [f"{20 - len(refs_refunded)} keys were never refunded"])
-    figures.lost = 20 - sum(statuses()[s] for s in ("succeeded", "declined", "failed",
-                                                     "unknown"))
+    figures.notes.extend(
+        [] if len(refs_refunded) == 20 else [f"{20 - len(refs_refunded)} keys were never refunded"]
+    )
+    figures.lost = 20 - sum(statuses()[s] for s in ("succeeded", "declined", "failed", "unknown"))
     del planned
     assert_clean(figures)
 
@@ -183,25 +202,38 @@ def test_two_beats_and_four_workers(chaos_stack, backend):
     stack: Stack = chaos_stack()
     jobs = plan(400, seed=5, tag=f"beats-{backend}-{time.time_ns():x}")
     create_payments(stack, jobs)
-    for n in range(4):
-        stack.start_worker(f"w{n + 1}")
-    stack.start_beat("beat-a")
-    stack.start_beat("beat-b")
+    stack.wait_ready(
+        *stack.start(workers=4, beat=False),
+        stack.start_beat("beat-a", wait=False),
+        stack.start_beat("beat-b", wait=False),
+    )
     started = time.monotonic()
     planned = enqueue(jobs)
     settle(stack, len(planned), timeout=180)
-    figures = audit(stack, planned, Figures("two_beats_four_workers", backend, len(planned),
-                                            time.monotonic() - started))
+    figures = audit(
+        stack,
+        planned,
+        Figures("two_beats_four_workers", backend, len(planned), time.monotonic() - started),
+    )
     # Every status poll the gateway answered was one claimed poll: no job polled twice for one
     # due time.
     vaultspay = {job_id: p for job_id, p in planned.items() if p.gateway == "vaultspay"}
     with read_session() as session:
-        polls = session.execute(
-            select(Attempt.job_id).where(Attempt.job_id.in_(list(vaultspay)),  # type: ignore[attr-defined]
-                                         Attempt.purpose == "poll")
-        ).scalars().all()
-    calls = [c for c in stack.sandbox.calls("vaultspay", "status")
-             if c["payment_ref"] in {p.payment_ref for p in vaultspay.values()}]
+        polls = (
+            session.execute(
+                select(Attempt.job_id).where(
+                    Attempt.job_id.in_(list(vaultspay)),  # type: ignore[attr-defined]
+                    Attempt.purpose == "poll",
+                )
+            )
+            .scalars()
+            .all()
+        )
+    calls = [
+        c
+        for c in stack.sandbox.calls("vaultspay", "status")
+        if c["payment_ref"] in {p.payment_ref for p in vaultspay.values()}
+    ]
     if len(calls) != len(polls):
         figures.notes.append(f"{len(calls)} status calls for {len(polls)} claimed polls")
     assert_clean(figures)

@@ -61,16 +61,30 @@ def talk(sandbox_server: SandboxServer) -> Iterator[Any]:
         os.environ.update(saved)
 
 
-def request(ref: str, amount: str | None, currency: str, kind: Kind = Kind.REFUND,
-            provider_reference: str | None = None) -> GatewayRequest:
-    return GatewayRequest(job_id=unique("j").replace("-", "")[:32], kind=kind, payment_ref=ref,
-                          currency=currency, amount=Decimal(amount) if amount else None,
-                          reason="contract test", provider_reference=provider_reference)
+def request(
+    ref: str,
+    amount: str | None,
+    currency: str,
+    kind: Kind = Kind.REFUND,
+    provider_reference: str | None = None,
+) -> GatewayRequest:
+    return GatewayRequest(
+        job_id=unique("j").replace("-", "")[:32],
+        kind=kind,
+        payment_ref=ref,
+        currency=currency,
+        amount=Decimal(amount) if amount else None,
+        reason="contract test",
+        provider_reference=provider_reference,
+    )
 
 
 def answers(recording: Recording, path_end: str) -> list[tuple[int, dict[str, Any]]]:
-    return [(status, json.loads(body, parse_float=Decimal))
-            for path, status, body in recording.seen if path.endswith(path_end)]
+    return [
+        (status, json.loads(body, parse_float=Decimal))
+        for path, status, body in recording.seen
+        if path.endswith(path_end)
+    ]
 
 
 def test_vai247_answers_fit_the_models(talk, sandbox_server: SandboxServer):
@@ -119,8 +133,14 @@ def test_vaultspay_answers_fit_the_models(talk, sandbox_server: SandboxServer):
     provider, recording = talk("vaultspay")
     created = provider.refund(request(ref, "60.00", "AED"))
     provider.status(request(ref, "60.00", "AED", provider_reference=created.provider_reference))
-    partial = GatewayRequest(job_id="c" * 32, kind=Kind.REFUND, payment_ref=ref, currency="AED",
-                             amount=Decimal("60.00"), extras={"partial": "1"})
+    partial = GatewayRequest(
+        job_id="c" * 32,
+        kind=Kind.REFUND,
+        payment_ref=ref,
+        currency="AED",
+        amount=Decimal("60.00"),
+        extras={"partial": "1"},
+    )
     provider.refund(partial)  # partial must be below the full amount: 422
     assert_round_trip(VaultspayAuthResponse, answers(recording, "/merchant-auth")[0][1])
     creates = answers(recording, "/create-refund-request")

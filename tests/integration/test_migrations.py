@@ -19,8 +19,14 @@ def upgrade_with_cli(url: str) -> subprocess.CompletedProcess[str]:
     import os
 
     env = {**os.environ, "REFUNDQ_DATABASE_URL": url, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "worker.cli", "db", "upgrade"], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "worker.cli", "db", "upgrade"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def empty_database(backend: str, tmp_path, request) -> str:
@@ -30,8 +36,7 @@ def empty_database(backend: str, tmp_path, request) -> str:
     return postgres.url_for(postgres.create_database())
 
 
-def test_db_upgrade_builds_exactly_the_models_schema_and_is_idempotent(backend, tmp_path,
-                                                                         request):
+def test_db_upgrade_builds_exactly_the_models_schema_and_is_idempotent(backend, tmp_path, request):
     url = empty_database(backend, tmp_path, request)
 
     first = upgrade_with_cli(url)

@@ -147,8 +147,7 @@ def test_redis_flushed_while_jobs_are_queued_loses_nothing_and_refunds_each_once
 
     stack.redis.flushall()
     assert stack.broker().llen("refundq") == 0
-    stack.start_worker()
-    stack.start_beat()
+    stack.start()
 
     for job_id in ids:
         assert stack.wait_status(job_id, FINAL, timeout=60).status == "succeeded"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ast
 import os
-import socket
 import stat
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from tests.sandbox.gateway_kit import (
     vaultspay_token,
     wait_until,
 )
+from tests.support.services import free_port
 
 SANDBOX_DIR = Path(__file__).resolve().parents[2] / "sandbox"
 
@@ -192,12 +192,6 @@ def test_config_auto_advance_starts_requests_moving(admin: Admin) -> None:
                 http.get(f"/_admin/vaultspay/refund-requests/{refund_uuid}").json()["status"] == 3
             )
         )
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def test_python_dash_m_sandbox_serves_and_prints_env_lines(tmp_path: Path) -> None:

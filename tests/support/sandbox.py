@@ -76,10 +76,22 @@ class SandboxProcess:
 
         log = (self.directory / "sandbox.log").open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "sandbox", "--host", "127.0.0.1", "--port", str(self.port),
-             "--bbmsl-public-key-file", str(self.public_key_path)],
-            cwd=REPO, env={**os.environ, **self.config_env, "PYTHONPATH": str(REPO)},
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                sys.executable,
+                "-m",
+                "sandbox",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--bbmsl-public-key-file",
+                str(self.public_key_path),
+            ],
+            cwd=REPO,
+            env={**os.environ, **self.config_env, "PYTHONPATH": str(REPO)},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         log.close()
         register_spawned(self.process)

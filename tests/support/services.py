@@ -4,6 +4,7 @@ database of our own on the local server. Runs never disturb each other or a deve
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -17,10 +18,39 @@ import redis
 from tests.support.polling import wait_for
 
 
+def _port_range() -> range:
+    """Ports this test process hands out: below the kernel's ephemeral range (32768+), so no
+    outgoing connection takes one, and a range of its own per pytest-xdist worker, so two
+    workers never pick the same port between choosing it and binding it."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    index = int(worker[2:]) if worker.startswith("gw") and worker[2:].isdigit() else 0
+    width = 4000
+    start = 12000 + (index % 5) * width
+    return range(start, start + width)
+
+
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    """A loopback port nobody listens on, never handed out twice by this process."""
+    ports = _port_range()
+    for _ in range(200):
+        port = random.choice(ports)
+        if port in _handed_out:
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free port in {ports}")
+
+
+def free_ports(count: int) -> list[int]:
+    return [free_port() for _ in range(count)]
 
 
 class RedisServer:

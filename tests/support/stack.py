@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,9 +66,20 @@ class Process:
     name: str
     popen: subprocess.Popen[bytes]
     log_path: Path
+    log_offset: int = 0  # where this process's output starts (a restarted name appends)
+    ready_marker: str | Callable[[], bool] = ""
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        if not self.log_path.exists():
+            return ""
+        with self.log_path.open("rb") as handle:
+            handle.seek(self.log_offset)
+            return handle.read().decode(errors="replace")
+
+    def ready(self) -> bool:
+        if callable(self.ready_marker):
+            return self.ready_marker()
+        return not self.ready_marker or self.ready_marker in self.log()
 
     def alive(self) -> bool:
         return self.popen.poll() is None
@@ -153,8 +164,15 @@ class Stack:
         return {**base, **self.env(), **overrides, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
 
     # --- processes --------------------------------------------------------------------------
-    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Process:
+    def spawn(
+        self,
+        name: str,
+        argv: list[str],
+        env: dict[str, str] | None = None,
+        ready: str | Callable[[], bool] = "",
+    ) -> Process:
         log_path = self.workdir / f"{name}.log"
+        offset = log_path.stat().st_size if log_path.exists() else 0
         handle = log_path.open("ab")
         popen = subprocess.Popen(
             argv,
@@ -166,7 +184,7 @@ class Stack:
         )
         handle.close()
         _SPAWNED.append(popen)
-        process = Process(name, popen, log_path)
+        process = Process(name, popen, log_path, offset, ready)
         self.processes.append(process)
         return process
 
@@ -197,17 +215,40 @@ class Stack:
             "--without-mingle",
             "--without-gossip",
         ]
-        process = self._spawn(name, argv, self.child_env(**env) if env else None)
+        process = self.spawn(name, argv, self.child_env(**env) if env else None, "ready.")
         if wait:
-            wait_for(
-                lambda: "ready." in process.log() or not process.alive(),
-                timeout=60,
-                message=lambda: f"worker {name} to be ready; log:\n{process.log()[-3000:]}",
-            )
-            assert process.alive(), f"worker {name} died at start:\n{process.log()[-3000:]}"
+            self.wait_ready(process)
         return process
 
-    def start_beat(self, name: str = "beat", **env: str) -> Process:
+    def wait_ready(self, *processes: Process) -> None:
+        """Wait until every process says it is ready (they start in parallel)."""
+        wait_for(
+            lambda: all(p.ready() or not p.alive() for p in processes),
+            timeout=60,
+            message=lambda: (
+                "processes to be ready:\n"
+                + "\n".join(f"==== {p.name}\n{p.log()[-2000:]}" for p in processes if not p.ready())
+            ),
+        )
+        for p in processes:
+            assert p.alive(), f"{p.name} died at start:\n{p.log()[-3000:]}"
+
+    def start(
+        self, *, workers: int = 1, concurrency: int = 2, beat: bool = True, api: bool = False
+    ) -> list[Process]:
+        """Start workers, beat (and the API) at once, then wait for all of them."""
+        started = [
+            self.start_worker(f"w{n + 1}", concurrency=concurrency, wait=False)
+            for n in range(workers)
+        ]
+        if beat:
+            started.append(self.start_beat(wait=False))
+        if api:
+            started.append(self.start_api(wait=False))
+        self.wait_ready(*started)
+        return started
+
+    def start_beat(self, name: str = "beat", *, wait: bool = True, **env: str) -> Process:
         schedule = self.workdir / f"{name}-schedule"
         argv = [
             sys.executable,
@@ -223,16 +264,12 @@ class Stack:
             "--max-interval",
             "1",
         ]
-        process = self._spawn(name, argv, self.child_env(**env) if env else None)
-        wait_for(
-            lambda: "beat: Starting" in process.log() or not process.alive(),
-            timeout=30,
-            message=lambda: f"beat {name} to start; log:\n{process.log()[-3000:]}",
-        )
-        assert process.alive(), f"beat {name} died at start:\n{process.log()[-3000:]}"
+        process = self.spawn(name, argv, self.child_env(**env) if env else None, "beat: Starting")
+        if wait:
+            self.wait_ready(process)
         return process
 
-    def start_api(self, name: str = "api", **env: str) -> Process:
+    def start_api(self, name: str = "api", *, wait: bool = True, **env: str) -> Process:
         """The HTTP side (`uvicorn worker.api:app`) on this stack's API port."""
         argv = [
             sys.executable,
@@ -247,20 +284,19 @@ class Stack:
             "warning",
             "--no-access-log",
         ]
-        process = self._spawn(name, argv, self.child_env(**env) if env else None)
 
         def answers() -> bool:
             import httpx
 
-            if not process.alive():
-                return True
             try:
-                return httpx.get(self.api_url + "/healthz", timeout=1).status_code < 600
+                # Any answer means up: a healthz that finds the broker down takes ~2 s to say so.
+                return httpx.get(self.api_url + "/healthz", timeout=5).status_code < 600
             except httpx.HTTPError:
                 return False
 
-        wait_for(answers, timeout=30, message=lambda: f"api to answer:\n{process.log()[-3000:]}")
-        assert process.alive(), f"api died at start:\n{process.log()[-3000:]}"
+        process = self.spawn(name, argv, self.child_env(**env) if env else None, answers)
+        if wait:
+            self.wait_ready(process)
         return process
 
     def kill(self, process: Process, sig: int = signal.SIGKILL) -> None:

@@ -86,7 +86,9 @@ def test_every_beat_entry_expires_within_its_interval_and_names_a_registered_tas
 
     schedule = beat_schedule(Settings())
     assert {e["task"] for e in schedule.values()} >= {
-        "refundq.dispatch_queued", "refundq.reap_expired", "refundq.poll_pending",
+        "refundq.dispatch_queued",
+        "refundq.reap_expired",
+        "refundq.poll_pending",
         "refundq.reconcile",
     }
     for entry in schedule.values():
@@ -114,9 +116,13 @@ def test_no_provider_name_appears_in_the_engine_or_the_tasks():
     """Rule 5 is applied from capabilities: adding a gateway touches nothing in worker/'s
     engine or tasks/ (STYLE.md 2)."""
     names = providers.provider_ids()
-    for path in [REPO / "worker" / "jobs.py", REPO / "worker" / "engine.py",
-                 REPO / "worker" / "reconcile.py", REPO / "worker" / "callbacks.py",
-                 *sorted((REPO / "tasks").glob("*.py"))]:
+    for path in [
+        REPO / "worker" / "jobs.py",
+        REPO / "worker" / "engine.py",
+        REPO / "worker" / "reconcile.py",
+        REPO / "worker" / "callbacks.py",
+        *sorted((REPO / "tasks").glob("*.py")),
+    ]:
         text = path.read_text()
         for name in names:
             assert not re.search(rf"\b{name}\b", text), f"{name} named in {path.name}"
@@ -128,6 +134,7 @@ def test_the_runtime_never_loads_the_simulators():
         "loaded = sorted(m for m in sys.modules if m == 'sandbox' or m.startswith('sandbox.'))\n"
         "print(loaded)\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
-                            text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+    )
     assert result.stdout.strip() == "[]"

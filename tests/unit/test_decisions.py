@@ -162,10 +162,13 @@ def test_a_status_check_that_cannot_reach_the_gateway_is_also_patient():
     from worker.clock import utcnow
 
     patient = dataclasses.replace(RETRY, patience_seconds=600)
-    checking = dataclasses.replace(claim(6, needs_check=True, ambiguous=1),
-                                   created_at=utcnow() - timedelta(seconds=30))
+    checking = dataclasses.replace(
+        claim(6, needs_check=True, ambiguous=1), created_at=utcnow() - timedelta(seconds=30)
+    )
     decision = jobs.decide_error(checking, QUERY_BY_OWN_REF, NotSent("503"), "status", patient)
     assert decision.to is JobStatus.RETRY_WAIT
     expired = dataclasses.replace(checking, created_at=utcnow() - timedelta(seconds=900))
-    assert jobs.decide_error(expired, QUERY_BY_OWN_REF, NotSent("503"), "status",
-                             patient).to is JobStatus.UNKNOWN
+    assert (
+        jobs.decide_error(expired, QUERY_BY_OWN_REF, NotSent("503"), "status", patient).to
+        is JobStatus.UNKNOWN
+    )
