@@ -30,6 +30,7 @@ _lock = threading.Lock()
 _engines: dict[str, tuple[int, Engine]] = {}
 
 SQLITE_BUSY_TIMEOUT_SECONDS = 30
+BUSY_TIMEOUT_PRAGMA = "PRAGMA busy_timeout=30000"  # milliseconds: SQLITE_BUSY_TIMEOUT_SECONDS
 
 
 def normalise_url(url: str) -> str:
@@ -68,7 +69,7 @@ def _tune_sqlite(engine: Engine) -> None:
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_SECONDS * 1000}")
+        cursor.execute(BUSY_TIMEOUT_PRAGMA)
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 

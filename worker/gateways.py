@@ -145,4 +145,6 @@ def job_from_callback_token(token: str, settings: Settings | None = None) -> str
     job_id, _, _mac = token.partition(".")
     if settings.webhook_secret is None or not job_id:
         return None
-    return job_id if hmac.compare_digest(callback_token(job_id, settings), token) else None
+    # Bytes, not str: compare_digest refuses non-ASCII text (a hostile URL can carry any).
+    expected = callback_token(job_id, settings).encode()
+    return job_id if hmac.compare_digest(expected, token.encode("utf-8", "replace")) else None

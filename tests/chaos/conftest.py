@@ -14,9 +14,15 @@ pytestmark = pytest.mark.chaos
 
 @pytest.fixture(scope="session")
 def chaos_sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SandboxProcess]:
+    import secrets
+
     server = SandboxProcess(
         tmp_path_factory.mktemp("chaos-sandbox"),
         fault_seed="20261122",
+        # Credentials of this run only, so a leak check cannot be fooled by a common word.
+        vai247_api_key=f"vai-{secrets.token_hex(12)}",
+        vaultspay_client_secret=f"vps-{secrets.token_hex(12)}",
+        pgv2_app_secret=f"pg-{secrets.token_hex(12)}",
         vaultspay_auto_advance_initiated_after_seconds="0.3",
         vaultspay_auto_advance_final_after_seconds="0.8",
         vaultspay_auto_advance_final_status="2",

@@ -102,7 +102,7 @@ FAULT_MIX = [  # per gateway endpoint, all at once (issue 6, run 3)
 ]
 
 
-def test_gateway_faults(chaos_stack, backend):
+def test_gateway_faults(chaos_stack, chaos_sandbox, backend):
     """Every gateway endpoint fails in every way at once — 5% 5xx, 2% apply-then-drop, 1% 429
     with Retry-After, 1% dropped connections, 1% malformed bodies, 1% bad pgv2 response
     signatures — and one gateway is down for 30 s."""
@@ -137,6 +137,13 @@ def test_gateway_faults(chaos_stack, backend):
         ),
     )
     reconcile_and_compare(planned, stack, figures)
+    # Under all of it, no credential reached a log line of any process.
+    secrets = [*chaos_sandbox.secrets(), stack.env()["REFUNDQ_WEBHOOK_SECRET"]]
+    for process in stack.processes:
+        text = process.log()
+        leaked = [s[:6] + "…" for s in secrets if s in text]
+        if leaked:
+            figures.notes.append(f"{process.name} logged secrets: {leaked}")
     # The outage was waited out: nothing failed for want of patience.
     assert figures.final_states.get("failed", 0) == 0, figures
     assert sum(fired.values()) > 50, fired

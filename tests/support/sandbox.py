@@ -65,6 +65,7 @@ class SandboxProcess:
         self.private_key_path, self.public_key_path = generate_bbmsl_keypair(directory)
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
+        self.config = dict(config)
         self.config_env = {f"REFUNDQ_SANDBOX_{k.upper()}": v for k, v in config.items()}
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -113,8 +114,22 @@ class SandboxProcess:
         from sandbox.config import SandboxConfig
         from sandbox.serve import env_lines
 
-        lines = env_lines(self.base_url, SandboxConfig(), self.private_key_path)
+        lines = env_lines(self.base_url, SandboxConfig(**self.config), self.private_key_path)
         return dict(line.split("=", 1) for line in lines)
+
+    def secrets(self) -> list[str]:
+        """Every credential a worker holds for this sandbox (for leak checks)."""
+        env = self.env()
+        values = [
+            env[name]
+            for name in (
+                "REFUNDQ_VAI247_API_KEY",
+                "REFUNDQ_VAULTSPAY_CLIENT_SECRET",
+                "REFUNDQ_PGV2_APP_SECRET",
+            )
+        ]
+        body = self.private_key_path.read_text().splitlines()[1:-1]
+        return values + [line for line in body if len(line) > 20]
 
 
 class SandboxAdmin:

@@ -138,3 +138,39 @@ def test_the_runtime_never_loads_the_simulators():
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == "[]"
+
+
+def test_a_callback_token_with_any_characters_is_simply_not_ours(monkeypatch):
+    from worker import gateways
+    from worker.settings import get_settings
+
+    monkeypatch.setenv("REFUNDQ_WEBHOOK_SECRET", "s")
+    get_settings.cache_clear()
+    try:
+        good = gateways.callback_token("abc")
+        assert gateways.job_from_callback_token(good) == "abc"
+        for hostile in ["abc.\x80", "abc.😀", "\x00", "abc." + "é" * 32, ".", ""]:
+            assert gateways.job_from_callback_token(hostile) is None
+    finally:
+        get_settings.cache_clear()
+
+
+def test_sql_is_never_built_from_strings_at_run_time():
+    """Every statement is SQLAlchemy expressions or a literal: no f-string, %-formatting or
+    concatenation reaches text(), execute() or exec_driver_sql() in the runtime, so input can
+    only ever travel as bound parameters (tests/property also round-trips SQL-ish text)."""
+    import ast
+
+    sinks = {"text", "execute", "exec_driver_sql", "executescript"}
+    offenders = []
+    for folder in ("worker", "tasks", "providers"):
+        for path in sorted((REPO / folder).rglob("*.py")):
+            if "migrations" in path.parts:
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                if not isinstance(node, ast.Call) or not node.args:
+                    continue
+                name = getattr(node.func, "attr", getattr(node.func, "id", ""))
+                if name in sinks and isinstance(node.args[0], ast.JoinedStr | ast.BinOp):
+                    offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert offenders == []
