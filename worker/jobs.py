@@ -783,6 +783,13 @@ class _WorkerLostBeforeSend(GatewayError):
     outcome_class = "worker_lost"
 
 
+# Why no `SELECT ... FOR UPDATE SKIP LOCKED` (DESIGN.md allows it "where it helps"): every claim
+# here is a single conditional UPDATE that succeeds for exactly one contender, on SQLite and
+# PostgreSQL alike, and the sweeps read a bounded batch of ids first. Concurrent dispatchers or
+# pollers therefore never block on each other's rows; they lose the compare-and-set and move
+# on. SKIP LOCKED would only save those lost updates — not worth a second, PostgreSQL-only path.
+
+
 def due_for_dispatch(now: datetime, redispatch_after: timedelta, limit: int) -> list[str]:
     """Jobs whose time has come and whose last message, if any, should have run by now.
 
