@@ -1,0 +1,1 @@
+"""refundq's runtime: settings, database, the job state machine, producer API, CLI, HTTP API."""
