@@ -239,22 +239,25 @@ def send(
     may have been. 429/503 raise `RateLimited`/`NotSent`; other 5xx raise `Ambiguous`. Any other
     status is returned for the provider to interpret.
     """
-    where = f"{request.method} {request.url.copy_with(query=None)}"
     try:
         response = client.send(request, auth=auth) if auth is not None else client.send(request)
         response.read()
     except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
         raise NotSent(
-            f"could not connect for {where}: {type(exc).__name__}", code="CONNECT_FAILED"
+            f"could not connect for {_where(request)}: {type(exc).__name__}",
+            code="CONNECT_FAILED",
         ) from exc
     except httpx.UnsupportedProtocol as exc:
-        raise NotSent(f"bad gateway URL for {where}: {exc}", code="BAD_URL") from exc
+        raise NotSent(f"bad gateway URL for {_where(request)}: {exc}", code="BAD_URL") from exc
     except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError) as exc:
         # The bytes (or some of them) left; the gateway may have acted on them.
         raise Ambiguous(
-            f"no complete answer to {where}: {type(exc).__name__}", code="NO_RESPONSE"
+            f"no complete answer to {_where(request)}: {type(exc).__name__}", code="NO_RESPONSE"
         ) from exc
     status = response.status_code
+    if status < 400:
+        return response
+    where = _where(request)
     if status == 429:
         raise RateLimited(
             f"{where} was rate limited (429)",
@@ -277,6 +280,11 @@ def send(
     return response
 
 
+def _where(request: httpx.Request) -> str:
+    """The request as error messages name it: method and URL without its query."""
+    return f"{request.method} {request.url.copy_with(query=None)}"
+
+
 def parse_json_object(response: httpx.Response) -> dict[str, Any]:
     """The body as a JSON object, or `Ambiguous`: a garbled answer is not an answer."""
     try:
@@ -296,6 +304,11 @@ def parse_json_object(response: httpx.Response) -> dict[str, Any]:
     return body
 
 
+# A Decimal stood in for by its marker (see `json_bytes`): compiled once, since a pattern built
+# around each call's own marker was compiled afresh for every request (issue 7).
+_MARKED_NUMBER = re.compile(r'"([0-9a-f]{16}):(-?\d+(?:\.\d+)?)"')
+
+
 def json_bytes(payload: Mapping[str, Any]) -> bytes:
     """Compact, deterministic JSON for request bodies. Decimals become JSON numbers written
     exactly as they print (never through float), which is what vai247 and bbmsl expect."""
@@ -309,8 +322,12 @@ def json_bytes(payload: Mapping[str, Any]) -> bytes:
             return f"{marker}:{value}"
         raise TypeError(f"cannot encode {type(value).__name__} as JSON")
 
+    def unquote(match: re.Match[str]) -> str:
+        return match.group(2) if match.group(1) == marker else match.group(0)
+
     text = json.dumps(payload, separators=(",", ":"), ensure_ascii=False, default=encode)
-    text = re.sub(rf'"{marker}:(-?\d+(?:\.\d+)?)"', r"\1", text)
+    if marker in text:
+        text = _MARKED_NUMBER.sub(unquote, text)
     return text.encode("utf-8")
 
 

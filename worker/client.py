@@ -241,10 +241,9 @@ def submit(
         notify_url=notify_url,
         extras=extras or {},
     )
-    job, created = jobs.insert_job(new, uuid.uuid4().hex)
-    view = JobView.of(job)
+    view, created = jobs.insert_job(new, uuid.uuid4().hex)
     if created:
-        publish_new(job.id)
+        publish_new(view.id)
     return view, created
 
 

@@ -66,16 +66,17 @@ def execute_job(job_id: str, *, publish: Publish, owner: str | None = None) -> s
     except ProviderUnavailable as exc:
         turn = _give_up_unconfigured(claim, exc, settings, retry)
         bound.error("job.provider_unavailable", error=exc.message, status=_status(turn))
-        return _after_turn(job_id, turn, publish, settings)
+        return _after_turn(job_id, turn, publish, settings, claim)
     capabilities = provider.capabilities
     request = claim.gateway_request(callback_url=gateways.callback_url(claim.provider, job_id))
     limiter = ratelimit.limiter(settings)
 
     if claim.needs_status_check:
-        if (deferred := _await_slot(limiter, claim)) is not None:
-            return _after_turn(job_id, deferred, publish, settings)
+        slot = _await_slot(limiter, claim)
+        if isinstance(slot, jobs.Turn):
+            return _after_turn(job_id, slot, publish, settings, claim)
         attempt_id = jobs.record_attempt(claim, "status", _summary(request, "status"))
-        outcome = _call(provider.status, request)
+        outcome = _call_in_slot(provider.status, request, limiter, claim, slot)
         if outcome.result is not None and outcome.result.outcome is Outcome.NOT_FOUND:
             # The gateway never received the earlier send: sending now cannot refund twice.
             jobs.finish_status_check_not_found(claim, attempt_id, outcome.duration_ms)
@@ -88,13 +89,14 @@ def execute_job(job_id: str, *, publish: Publish, owner: str | None = None) -> s
                 status=_status(turn),
                 duration_ms=round(outcome.duration_ms, 1),
             )
-            return _after_turn(job_id, turn, publish, settings)
+            return _after_turn(job_id, turn, publish, settings, claim)
 
-    if (deferred := _await_slot(limiter, claim)) is not None:
-        return _after_turn(job_id, deferred, publish, settings)
+    slot = _await_slot(limiter, claim)
+    if isinstance(slot, jobs.Turn):
+        return _after_turn(job_id, slot, publish, settings, claim)
     attempt_id = jobs.record_attempt(claim, "send", _summary(request, "send"))
     failpoint("before_send")
-    outcome = _call(provider.submit, request)
+    outcome = _call_in_slot(provider.submit, request, limiter, claim, slot)
     failpoint("after_send")
     turn = _apply(claim, attempt_id, capabilities, outcome, "send", settings, retry)
     bound.info(
@@ -107,22 +109,51 @@ def execute_job(job_id: str, *, publish: Publish, owner: str | None = None) -> s
         duration_ms=round(outcome.duration_ms, 1),
         retry_in=turn.delay_seconds,
     )
-    return _after_turn(job_id, turn, publish, settings)
+    return _after_turn(job_id, turn, publish, settings, claim)
 
 
-def _await_slot(limiter: ratelimit.RateLimiter | None, claim: jobs.Claim) -> jobs.Turn | None:
-    """Wait for this gateway's rate limit to allow one call; if that is too far off, hand the
-    job back to the queue (no attempt spent) and return that turn."""
+def _await_slot(
+    limiter: ratelimit.RateLimiter | None, claim: jobs.Claim
+) -> ratelimit.Reservation | jobs.Turn:
+    """Wait for this gateway's rate limit to allow one call and return the slot; if that is
+    too far off, hand the job back to the queue (no attempt spent) and return that turn."""
     if limiter is None:
-        return None
+        return ratelimit.UNLIMITED
     reservation = limiter.wait_for_slot(claim.provider)
     if reservation.granted:
-        return None
+        return reservation
     return jobs.release_claim(
         claim,
         reservation.wait_seconds,
         note=f"{claim.provider} rate limit: next slot in {reservation.wait_seconds:.1f}s",
     )
+
+
+# How long a recorded attempt may wait for an on-time slot before it is given up as not sent.
+ON_TIME_SLOT_WAIT_SECONDS = 6.0
+
+
+def _call_in_slot(
+    verb: Callable[[GatewayRequest], GatewayResult],
+    request: GatewayRequest,
+    limiter: ratelimit.RateLimiter | None,
+    claim: jobs.Claim,
+    slot: ratelimit.Reservation,
+) -> CallOutcome:
+    """The call, made on time for its rate-limit slot (worker/ratelimit.py: a slow attempt
+    commit can make it late, and a late call crowds the next second). When no on-time slot
+    comes, the call is not made, and the attempt says so (not sent: safe to send later)."""
+    if limiter is not None:
+        slot = limiter.keep_on_time(claim.provider, slot, within=ON_TIME_SLOT_WAIT_SECONDS)
+        if not slot.granted:
+            error = RateLimited(
+                f"{claim.provider}: no rate-limit slot the call could leave on time for within "
+                f"{ON_TIME_SLOT_WAIT_SECONDS:.0f}s; not sent, will be sent later",
+                code="LOCAL_RATE_LIMIT",
+                retry_after=slot.wait_seconds,
+            )
+            return CallOutcome(None, error, 0.0)
+    return _call(verb, request)
 
 
 def _call(verb: Callable[[GatewayRequest], GatewayResult], request: GatewayRequest) -> CallOutcome:
@@ -216,27 +247,38 @@ def _give_up_unconfigured(
     )
 
 
-def _after_turn(job_id: str, turn: jobs.Turn, publish: Publish, settings: Settings) -> str:
+def _after_turn(
+    job_id: str,
+    turn: jobs.Turn,
+    publish: Publish,
+    settings: Settings,
+    claim: jobs.Claim | None = None,
+) -> str:
     # Longer waits stay in the database; the dispatcher publishes them when due.
     delay = turn.delay_seconds
     short_wait = delay is not None and delay <= settings.max_countdown_seconds
     if turn.next is jobs.Next.RETRY and short_wait:
         publish(job_id, delay)
     if turn.notify:
-        on_settled(job_id)
+        on_settled(job_id, has_notify_url=None if claim is None else claim.notify_url is not None)
     return turn.status.value if turn.status else turn.next.value
 
 
-def on_settled(job_id: str) -> None:
+def on_settled(job_id: str, *, has_notify_url: bool | None = None) -> None:
     """The one hook for a job reaching a final state or `unknown`, whoever moved it there (a
     worker's turn, a poll, the reaper, reconciliation, an operator). Notifications attach here.
-    Must never raise into, or block, the caller: the job's own outcome is already committed."""
+    Must never raise into, or block, the caller: the job's own outcome is already committed.
+
+    `has_notify_url`: what the caller already knows (a worker's claim carries the job's
+    notify_url, which is written once, at enqueue); False spares the notification step its
+    database read, None (unknown) lets it look."""
     # A job with a notify_url gets one notification per status change (recorded, then
     # published; worker/notify.py). Called twice for one transition, it records nothing new.
     try:
         from worker.notify import notify_settled
 
-        notify_settled(job_id)
+        if has_notify_url is not False:
+            notify_settled(job_id)
     except Exception:
         log.exception("notify.on_settled_failed", job_id=job_id)
 
@@ -350,12 +392,13 @@ def poll_job(job_id: str, *, actor: str | None = None) -> str:
     claim = target.claim
     provider = gateways.get_provider(claim.provider)
     limiter = ratelimit.limiter()
-    if limiter is not None and not limiter.wait_for_slot(claim.provider).granted:
+    slot = ratelimit.UNLIMITED if limiter is None else limiter.wait_for_slot(claim.provider)
+    if not slot.granted:
         # No slot soon: skip this poll; the schedule already holds the next one.
         log.info("job.poll_deferred", job_id=job_id, provider=claim.provider)
         return "deferred"
     attempt_id = jobs.record_poll(claim, target.poll_count)
-    outcome = _call(provider.status, claim.gateway_request())
+    outcome = _call_in_slot(provider.status, claim.gateway_request(), limiter, claim, slot)
     floor = None
     if isinstance(outcome.error, RateLimited) and outcome.error.retry_after:
         floor = utcnow() + timedelta(seconds=outcome.error.retry_after)

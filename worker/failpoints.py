@@ -6,7 +6,8 @@ die, deterministically, in the spirit of TiKV's `fail-rs` and FoundationDB's BUG
 
 Points: `after_claim` (claimed, nothing recorded or sent), `before_send` (the attempt is
 recorded as sending, nothing sent yet), `after_send` (the gateway answered, nothing recorded).
-Actions: `sleep(<seconds>)`, `kill` (SIGKILL this process), `kill(<probability>)`.
+Actions: `sleep(<seconds>)`, `jitter(<seconds>)` (sleep a random time up to that: a slow
+commit, a descheduled process), `kill` (SIGKILL this process), `kill(<probability>)`.
 Unset in production: the check is one dictionary lookup.
 """
 
@@ -19,7 +20,7 @@ import signal
 import time
 from functools import lru_cache
 
-_ACTION = re.compile(r"(sleep|kill)(?:\(([0-9.]+)\))?")
+_ACTION = re.compile(r"(sleep|jitter|kill)(?:\(([0-9.]+)\))?")
 
 
 @lru_cache(maxsize=1)
@@ -44,5 +45,7 @@ def failpoint(name: str) -> None:
     verb, argument = action
     if verb == "sleep":
         time.sleep(argument or 0)
+    elif verb == "jitter":
+        time.sleep(random.uniform(0, argument or 0))
     elif verb == "kill" and (argument is None or random.random() < argument):
         os.kill(os.getpid(), signal.SIGKILL)

@@ -87,20 +87,27 @@ def http_client(settings: Settings | None = None) -> httpx.Client:
         client = _state.get("client")
         if isinstance(client, httpx.Client):
             return client
-        client = httpx.Client(
-            timeout=httpx.Timeout(
-                settings.http_timeout_seconds, connect=settings.http_connect_timeout_seconds
-            ),
-            limits=httpx.Limits(
-                max_connections=50,
-                max_keepalive_connections=20,
-                keepalive_expiry=KEEPALIVE_EXPIRY_SECONDS,
-            ),
-            follow_redirects=False,
-            headers={"User-Agent": "refundq"},
-        )
+        client = new_http_client(settings)
         _state["client"] = client
         return client
+
+
+def new_http_client(settings: Settings) -> httpx.Client:
+    """The HTTP client every gateway call goes through (one per process: `http_client`).
+    The benchmark's bare-Celery baseline builds its own with this too, so both make the same
+    calls the same way."""
+    return httpx.Client(
+        timeout=httpx.Timeout(
+            settings.http_timeout_seconds, connect=settings.http_connect_timeout_seconds
+        ),
+        limits=httpx.Limits(
+            max_connections=50,
+            max_keepalive_connections=20,
+            keepalive_expiry=KEEPALIVE_EXPIRY_SECONDS,
+        ),
+        follow_redirects=False,
+        headers={"User-Agent": "refundq"},
+    )
 
 
 def get_provider(provider_id: str) -> Provider:

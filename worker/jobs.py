@@ -6,6 +6,11 @@ follow rocket-rides-atomic: *claim* (commit), *record the attempt as sending* (c
 gateway outside any transaction, *apply the outcome* (commit). Recovery (the reaper, the
 dispatcher, reconciliation) re-enters the same functions, so it is the normal path.
 
+The hot path (enqueue, claim, record, apply) runs Core statements on a Core connection, most of
+them built once at import: the ORM's unit of work and per-call statement building cost more
+CPU than the database did (issue 7, BENCHMARKS.md). The claim is an `UPDATE ... RETURNING`, so
+the row it needs comes back from the compare-and-set itself.
+
 This module reads provider *capabilities*, never provider names (STYLE.md 2).
 """
 
@@ -14,12 +19,26 @@ from __future__ import annotations
 import enum
 import hashlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
-from sqlalchemy import ColumnElement, and_, func, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Select,
+    Table,
+    Update,
+    and_,
+    bindparam,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.engine import Connection, Row
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col
 
@@ -35,12 +54,20 @@ from providers.base import (
 )
 from worker import policy
 from worker.clock import utcnow
-from worker.db import write_session
+from worker.db import write_session, write_transaction
 from worker.errors import IdempotencyConflict, InvalidRequest, OverRefund
 from worker.models import LIVE_STATUSES, Attempt, Event, Job, JobStatus
 from worker.money import format_amount, from_minor
+from worker.views import JobView
 
 S = JobStatus
+# A write transaction: an ORM session (operator and recovery paths) or a Core connection (the
+# hot path). Both take the same Core statements.
+Tx = Session | Connection
+
+JOBS: Table = Job.__table__  # type: ignore[attr-defined]
+EVENTS: Table = Event.__table__  # type: ignore[attr-defined]
+ATTEMPTS: Table = Attempt.__table__  # type: ignore[attr-defined]
 
 # Which status may follow which. Nothing outside this table ever happens to `jobs.status`.
 TRANSITIONS: Mapping[JobStatus, frozenset[JobStatus]] = {
@@ -74,7 +101,7 @@ def check_transition(from_statuses: Iterable[JobStatus], to: JobStatus) -> None:
 
 
 def transition(
-    session: Session,
+    session: Tx,
     job_id: str,
     *,
     from_statuses: Sequence[JobStatus],
@@ -91,9 +118,6 @@ def transition(
     not in such a state: somebody else moved it first, and nothing was written."""
     check_transition(from_statuses, to)
     now = utcnow()
-    conditions = [col(Job.id) == job_id, col(Job.status).in_([s.value for s in from_statuses])]
-    if lease_owner is not None:
-        conditions.append(col(Job.lease_owner) == lease_owner)
     new_values: dict[str, Any] = {"status": to.value, "updated_at": now, **(values or {})}
     if to in (S.SUCCEEDED, S.DECLINED, S.FAILED, S.UNKNOWN):
         new_values.setdefault("finished_at", now)
@@ -102,39 +126,109 @@ def transition(
         new_values.setdefault("lease_expires_at", None)
     if to is not S.AWAITING_GATEWAY:
         new_values.setdefault("next_poll_at", None)
+    sources = tuple(s.value for s in from_statuses)
+    params: dict[str, Any] = {"b_job_id": job_id}
+    if lease_owner is not None:
+        params["b_lease_owner"] = lease_owner
+    if any(isinstance(v, ColumnElement) for v in new_values.values()):
+        statement = _cas_statement(sources, lease_owner is not None, ()).values(**new_values)
+    else:
+        statement = _cas_statement(sources, lease_owner is not None, tuple(sorted(new_values)))
+        params.update({f"v_{name}": value for name, value in new_values.items()})
     # The status we move from, for the event row: known when there is one candidate, else
     # read in this transaction (the CAS below still decides).
-    if len(from_statuses) == 1:
-        previous: str | None = from_statuses[0].value
+    if len(sources) == 1:
+        previous: str | None = sources[0]
     else:
-        previous = session.execute(select(col(Job.status)).where(*conditions)).scalar_one_or_none()
+        found = session.execute(_status_statement(sources, lease_owner is not None), params)
+        previous = found.scalar_one_or_none()
         if previous is None:
             return False
-    result = session.execute(
-        update(Job)
-        .where(*conditions)
-        .values(**new_values)
-        .execution_options(synchronize_session=False)
-    )
+    # A Core UPDATE of the table: on an ORM session it neither reads nor refreshes loaded
+    # objects (as `synchronize_session=False` did).
+    result = session.execute(statement, params)
     if result.rowcount != 1:  # type: ignore[attr-defined]  # CursorResult of an UPDATE
         return False
-    session.add(
-        Event(
-            job_id=job_id,
-            at=now,
-            from_status=previous,
-            to_status=to.value,
-            kind=event_kind,
-            actor=actor,
-            note=note,
-            detail=dict(detail) if detail else None,
-        )
+    _insert_event(
+        session,
+        job_id,
+        at=now,
+        from_status=previous,
+        to_status=to.value,
+        kind=event_kind,
+        actor=actor,
+        note=note,
+        detail=detail,
     )
     return True
 
 
+# Compare-and-set statements by shape (source statuses, lease check, columns set), built once
+# each: building and hashing a fresh UPDATE cost more than running it (issue 7). The shapes are
+# the few the state machine has, so the cache stays small.
+_CAS_STATEMENTS: dict[tuple[tuple[str, ...], bool, tuple[str, ...]], Update] = {}
+
+
+def _cas_conditions(sources: tuple[str, ...], with_lease: bool) -> list[ColumnElement[bool]]:
+    conditions: list[ColumnElement[bool]] = [JOBS.c.id == bindparam("b_job_id")]
+    if len(sources) == 1:
+        conditions.append(JOBS.c.status == sources[0])
+    else:
+        conditions.append(JOBS.c.status.in_(sources))
+    if with_lease:
+        conditions.append(JOBS.c.lease_owner == bindparam("b_lease_owner"))
+    return conditions
+
+
+def _cas_statement(sources: tuple[str, ...], with_lease: bool, columns: tuple[str, ...]) -> Update:
+    key = (sources, with_lease, columns)
+    statement = _CAS_STATEMENTS.get(key)
+    if statement is None:
+        statement = update(JOBS).where(*_cas_conditions(sources, with_lease))
+        if columns:
+            statement = statement.values(
+                {name: bindparam(f"v_{name}", type_=JOBS.c[name].type) for name in columns}
+            )
+            _CAS_STATEMENTS[key] = statement
+    return statement
+
+
+def _status_statement(sources: tuple[str, ...], with_lease: bool) -> Select[Any]:
+    return select(JOBS.c.status).where(*_cas_conditions(sources, with_lease))
+
+
+_INSERT_EVENT = insert(EVENTS)
+
+
+def _insert_event(
+    session: Tx,
+    job_id: str,
+    *,
+    at: datetime,
+    kind: str,
+    actor: str,
+    from_status: str | None = None,
+    to_status: str | None = None,
+    note: str | None = None,
+    detail: Mapping[str, Any] | None = None,
+) -> None:
+    session.execute(
+        _INSERT_EVENT,
+        {
+            "job_id": job_id,
+            "at": at,
+            "from_status": from_status,
+            "to_status": to_status,
+            "kind": kind,
+            "actor": actor,
+            "note": note,
+            "detail": dict(detail) if detail else None,
+        },
+    )
+
+
 def record_event(
-    session: Session,
+    session: Tx,
     job_id: str,
     *,
     kind: str,
@@ -143,16 +237,7 @@ def record_event(
     detail: Mapping[str, Any] | None = None,
 ) -> None:
     """An event that is not a status change (a callback received, an operator's note)."""
-    session.add(
-        Event(
-            job_id=job_id,
-            at=utcnow(),
-            kind=kind,
-            actor=actor,
-            note=note,
-            detail=dict(detail) if detail else None,
-        )
-    )
+    _insert_event(session, job_id, at=utcnow(), kind=kind, actor=actor, note=note, detail=detail)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,61 +279,87 @@ class NewJob:
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
-def insert_job(new: NewJob, job_id: str, *, actor: str = "producer") -> tuple[Job, bool]:
+_JOB_BY_KEY = select(JOBS.c.id, JOBS.c.fingerprint).where(
+    JOBS.c.idempotency_key == bindparam("b_key")
+)
+_INSERT_JOB = insert(JOBS)
+
+
+def insert_job(new: NewJob, job_id: str, *, actor: str = "producer") -> tuple[JobView, bool]:
     """Store `new` as a queued job, or return the job an earlier identical request created.
 
-    Returns (job, created). Raises `IdempotencyConflict` for the same key with a different
-    request and `OverRefund` when the payment's refunds would exceed its original amount.
+    Returns (the job's view, created). Raises `IdempotencyConflict` for the same key with a
+    different request and `OverRefund` when the payment's refunds would exceed its original
+    amount.
     The idempotency check is the unique constraint, so it holds under concurrent producers.
+
+    One write transaction: the payment's lock, the key's lookup (after the lock, so a producer
+    that waited for a concurrent one with the same key finds its job and replays it), the
+    over-refund check, the job row and its first event.
     """
     fingerprint = new.fingerprint()
-    existing = _job_by_key(new.idempotency_key)
-    if existing is not None:
-        return _replay(existing, new, fingerprint), False
     now = utcnow()
+    values: dict[str, Any] = {
+        "id": job_id,
+        "kind": new.kind.value,
+        "provider": new.provider,
+        "payment_ref": new.payment_ref,
+        "amount_minor": new.amount_minor,
+        "original_amount_minor": new.original_amount_minor,
+        "currency": new.currency,
+        "reason": new.reason,
+        "extras": dict(new.extras),
+        "notify_url": new.notify_url,
+        "idempotency_key": new.idempotency_key,
+        "fingerprint": fingerprint,
+        "status": S.QUEUED.value,
+        "attempt_count": 0,
+        "next_attempt_at": now,
+        "message_due_at": now,  # the producer publishes right after the commit
+        "needs_status_check": False,
+        "ambiguous_sends": 0,
+        "poll_count": 0,
+        "created_at": now,
+        "updated_at": now,
+    }
     try:
-        with write_session() as session:
-            _lock_payment(session, new.provider, new.payment_ref)
-            if new.kind is Kind.REFUND:
-                _check_refund_fits(session, new)
-            job = Job(
-                id=job_id,
-                kind=new.kind.value,
-                provider=new.provider,
-                payment_ref=new.payment_ref,
-                amount_minor=new.amount_minor,
-                original_amount_minor=new.original_amount_minor,
-                currency=new.currency,
-                reason=new.reason,
-                extras=dict(new.extras),
-                notify_url=new.notify_url,
-                idempotency_key=new.idempotency_key,
-                fingerprint=fingerprint,
-                status=S.QUEUED.value,
-                next_attempt_at=now,
-                message_due_at=now,  # the producer publishes right after the commit
-                created_at=now,
-                updated_at=now,
-            )
-            session.add(job)
-            session.flush()
-            session.add(
-                Event(
-                    job_id=job_id,
+        with write_transaction() as connection:
+            _lock_payment(connection, new.provider, new.payment_ref)
+            existing = connection.execute(_JOB_BY_KEY, {"b_key": new.idempotency_key}).first()
+            if existing is None:
+                if new.kind is Kind.REFUND:
+                    _check_refund_fits(connection, new)
+                connection.execute(_INSERT_JOB, values)
+                _insert_event(
+                    connection,
+                    job_id,
                     at=now,
-                    from_status=None,
                     to_status=S.QUEUED.value,
                     kind="transition",
                     actor=actor,
                 )
-            )
     except IntegrityError:
         # A concurrent producer committed the same key between our look and our insert.
-        existing = _job_by_key(new.idempotency_key)
-        if existing is None:
+        replayed = _job_by_key(new.idempotency_key)
+        if replayed is None:
             raise
-        return _replay(existing, new, fingerprint), False
-    return job, True
+        return JobView.of(_replay(replayed, new, fingerprint)), False
+    if existing is not None:
+        if existing.fingerprint != fingerprint:
+            raise IdempotencyConflict(new.idempotency_key, existing.id)
+        replayed = _job_by_key(new.idempotency_key)
+        assert replayed is not None, "jobs are never deleted"
+        return JobView.of(replayed), False
+    # The view of the row just written, from its values: `JobView.of` only reads attributes,
+    # and building an ORM `Job` for it cost a quarter of the insert (issue 7).
+    return JobView.of(cast(Job, SimpleNamespace(**{**_JOB_DEFAULTS, **values}))), True
+
+
+# Every column's default, for the view of a new job (the factory-made `extras` is always set).
+_JOB_DEFAULTS: dict[str, Any] = {
+    name: None if info.is_required() or info.default_factory else info.default
+    for name, info in Job.model_fields.items()
+}
 
 
 def _job_by_key(key: str) -> Job | None:
@@ -266,31 +377,36 @@ def _replay(existing: Job, new: NewJob, fingerprint: str) -> Job:
     return existing
 
 
-def _lock_payment(session: Session, provider: str, payment_ref: str) -> None:
+def _lock_payment(connection: Connection, provider: str, payment_ref: str) -> None:
     """Serialise enqueues for one payment, so the over-refund check sees every live job.
 
     SQLite: `BEGIN IMMEDIATE` already serialises writers. PostgreSQL: a transaction-scoped
     advisory lock on the payment (two producers refunding one payment wait for each other;
     producers of different payments never do).
     """
-    if session.get_bind().dialect.name != "postgresql":
+    if connection.dialect.name != "postgresql":
         return
     digest = hashlib.sha256(f"{provider}\x1f{payment_ref}".encode()).digest()
     key = int.from_bytes(digest[:8], "big", signed=True)
-    session.execute(select(func.pg_advisory_xact_lock(key)))
+    connection.execute(_ADVISORY_LOCK, {"b_key": key})
 
 
-def _check_refund_fits(session: Session, new: NewJob) -> None:
-    live = [s.value for s in LIVE_STATUSES]
-    rows = session.execute(
-        select(
-            col(Job.id), col(Job.amount_minor), col(Job.original_amount_minor), col(Job.currency)
-        ).where(
-            col(Job.provider) == new.provider,
-            col(Job.payment_ref) == new.payment_ref,
-            col(Job.kind) == Kind.REFUND.value,
-            col(Job.status).in_(live),
-        )
+_ADVISORY_LOCK = select(func.pg_advisory_xact_lock(bindparam("b_key")))
+
+
+_LIVE_REFUNDS_OF_PAYMENT = select(
+    JOBS.c.id, JOBS.c.amount_minor, JOBS.c.original_amount_minor, JOBS.c.currency
+).where(
+    JOBS.c.provider == bindparam("b_provider"),
+    JOBS.c.payment_ref == bindparam("b_payment_ref"),
+    JOBS.c.kind == Kind.REFUND.value,
+    JOBS.c.status.in_(sorted(s.value for s in LIVE_STATUSES)),
+)
+
+
+def _check_refund_fits(connection: Connection, new: NewJob) -> None:
+    rows = connection.execute(
+        _LIVE_REFUNDS_OF_PAYMENT, {"b_provider": new.provider, "b_payment_ref": new.payment_ref}
     ).all()
     if new.single_refund_per_payment and rows:
         raise OverRefund(
@@ -350,6 +466,8 @@ class Claim:
     ambiguous_sends: int
     previous_status: str
     created_at: datetime | None = None
+    # Write-once at enqueue: a worker that knows it is None skips the notification lookup.
+    notify_url: str | None = None
 
     def gateway_request(self, callback_url: str | None = None) -> GatewayRequest:
         amount = original = None
@@ -372,59 +490,101 @@ class Claim:
         )
 
 
+# The claim's compare-and-set, returning what the worker needs: one statement per candidate
+# status (the event row records which one the job left, and RETURNING only sees new values).
+_CLAIM_RETURNING = (
+    JOBS.c.id,
+    JOBS.c.kind,
+    JOBS.c.provider,
+    JOBS.c.payment_ref,
+    JOBS.c.currency,
+    JOBS.c.amount_minor,
+    JOBS.c.original_amount_minor,
+    JOBS.c.reason,
+    JOBS.c.extras,
+    JOBS.c.provider_reference,
+    JOBS.c.attempt_count,
+    JOBS.c.needs_status_check,
+    JOBS.c.ambiguous_sends,
+    JOBS.c.created_at,
+    JOBS.c.notify_url,
+)
+_CLAIM = (
+    update(JOBS)
+    .where(
+        JOBS.c.id == bindparam("b_job_id"),
+        JOBS.c.status == bindparam("b_from"),
+        or_(
+            JOBS.c.next_attempt_at.is_(None),
+            JOBS.c.next_attempt_at <= bindparam("b_due_by", type_=JOBS.c.next_attempt_at.type),
+        ),
+    )
+    .values(
+        status=S.SUBMITTING.value,
+        updated_at=bindparam("b_now", type_=JOBS.c.updated_at.type),
+        next_poll_at=None,
+        lease_owner=bindparam("b_owner", type_=JOBS.c.lease_owner.type),
+        lease_expires_at=bindparam("b_lease_until", type_=JOBS.c.lease_expires_at.type),
+        attempt_count=JOBS.c.attempt_count + 1,
+    )
+    .returning(*_CLAIM_RETURNING)
+)
+check_transition(CLAIMABLE, S.SUBMITTING)
+
+
 def claim_job(job_id: str, lease_owner: str, lease_seconds: float) -> Claim | None:
     """Rule 2, claim before work: queued|retry_wait -> submitting with a lease, in one CAS.
     None when there is nothing to claim (done already, held by another worker, not yet due):
     a duplicate or late message simply ends there."""
     now = utcnow()
-    with write_session() as session:
-        job = session.execute(
-            select(Job).where(
-                col(Job.id) == job_id,
-                col(Job.status).in_([s.value for s in CLAIMABLE]),
-                or_(
-                    col(Job.next_attempt_at).is_(None),
-                    col(Job.next_attempt_at) <= now + CLAIM_EARLY_TOLERANCE,
-                ),
-            )
-        ).scalar_one_or_none()
-        if job is None:
+    params = {
+        "b_job_id": job_id,
+        "b_due_by": now + CLAIM_EARLY_TOLERANCE,
+        "b_now": now,
+        "b_owner": lease_owner,
+        "b_lease_until": now + timedelta(seconds=lease_seconds),
+    }
+    with write_transaction() as connection:
+        for previous in CLAIMABLE:
+            row = connection.execute(_CLAIM, {**params, "b_from": previous.value}).first()
+            if row is not None:
+                break
+        else:
             return None
-        # Snapshot before the UPDATE: an ORM-enabled UPDATE synchronises loaded objects.
-        previous = JobStatus(job.status)
-        snapshot = replace(claim_of(job, lease_owner), attempt_count=job.attempt_count + 1)
-        moved = transition(
-            session,
+        _insert_event(
+            connection,
             job_id,
-            from_statuses=[previous],
-            to=S.SUBMITTING,
+            at=now,
+            from_status=previous.value,
+            to_status=S.SUBMITTING.value,
+            kind="transition",
             actor=lease_owner,
-            values={
-                "lease_owner": lease_owner,
-                "lease_expires_at": now + timedelta(seconds=lease_seconds),
-                "attempt_count": col(Job.attempt_count) + 1,
-            },
         )
-        return snapshot if moved else None
+    return claim_of(row, lease_owner, previous_status=previous.value)
+
+
+_INSERT_ATTEMPT = insert(ATTEMPTS)
 
 
 def record_attempt(claim: Claim, purpose: str, request_summary: Mapping[str, Any]) -> int:
     """Rule 3, record before send: the attempt row commits as `sending` before the call, so a
     worker that dies mid-call leaves evidence that the request may have left."""
-    with write_session() as session:
-        attempt = Attempt(
-            job_id=claim.job_id,
-            number=claim.attempt_count,
-            purpose=purpose,
-            state="sending",
-            lease_owner=claim.lease_owner,
-            started_at=utcnow(),
-            request_summary=dict(request_summary),
+    with write_transaction() as connection:
+        result = connection.execute(
+            _INSERT_ATTEMPT,
+            {
+                "job_id": claim.job_id,
+                "number": claim.attempt_count,
+                "purpose": purpose,
+                "state": "sending",
+                "lease_owner": claim.lease_owner,
+                "started_at": utcnow(),
+                "request_summary": dict(request_summary),
+            },
         )
-        session.add(attempt)
-        session.flush()
-        assert attempt.id is not None
-        return attempt.id
+        attempt_id = result.inserted_primary_key[0]  # type: ignore[index]
+    assert attempt_id is not None
+    return int(attempt_id)
 
 
 class Next(enum.StrEnum):
@@ -589,6 +749,27 @@ def ambiguity_resolution(capabilities: Capabilities, provider_reference: str | N
     return Resolution.NONE
 
 
+_FINISH_ATTEMPT = (
+    update(ATTEMPTS)
+    .where(ATTEMPTS.c.id == bindparam("b_attempt_id"))
+    .values(
+        state="done",
+        **{
+            name: bindparam(f"b_{name}", type_=ATTEMPTS.c[name].type)
+            for name in (
+                "finished_at",
+                "duration_ms",
+                "http_status",
+                "outcome_class",
+                "code",
+                "message",
+                "retry_delay_seconds",
+            )
+        },
+    )
+)
+
+
 def apply(
     claim: Claim,
     attempt_id: int,
@@ -602,23 +783,22 @@ def apply(
 ) -> Turn:
     """Commit the attempt's outcome and the job's new state together."""
     now = utcnow()
-    with write_session() as session:
-        session.execute(
-            update(Attempt)
-            .where(col(Attempt.id) == attempt_id)
-            .values(
-                state="done",
-                finished_at=now,
-                duration_ms=duration_ms,
-                http_status=http_status,
-                outcome_class=attempt_outcome,
-                code=code,
-                message=message,
-                retry_delay_seconds=decision.retry_delay,
-            )
+    with write_transaction() as connection:
+        connection.execute(
+            _FINISH_ATTEMPT,
+            {
+                "b_attempt_id": attempt_id,
+                "b_finished_at": now,
+                "b_duration_ms": duration_ms,
+                "b_http_status": http_status,
+                "b_outcome_class": attempt_outcome,
+                "b_code": code,
+                "b_message": message,
+                "b_retry_delay_seconds": decision.retry_delay,
+            },
         )
         moved = transition(
-            session,
+            connection,
             claim.job_id,
             from_statuses=[S.SUBMITTING],
             to=decision.to,
@@ -640,9 +820,9 @@ def release_claim(claim: Claim, delay_seconds: float, *, note: str) -> Turn:
     """Hand a claimed job back without calling the gateway and without spending an attempt
     (its gateway's rate limit has no slot soon): retry_wait, due after `delay_seconds`."""
     due = utcnow() + timedelta(seconds=delay_seconds)
-    with write_session() as session:
+    with write_transaction() as connection:
         moved = transition(
-            session,
+            connection,
             claim.job_id,
             from_statuses=[S.SUBMITTING],
             to=S.RETRY_WAIT,
@@ -953,8 +1133,9 @@ def poll_target(job_id: str, actor: str) -> PollTarget | None:
         return PollTarget(claim=claim_of(job, actor), poll_count=job.poll_count)
 
 
-def claim_of(job: Job, actor: str) -> Claim:
-    """A detached snapshot of `job` as a gateway call needs it."""
+def claim_of(job: Job | Row[Any], actor: str, *, previous_status: str | None = None) -> Claim:
+    """A detached snapshot of `job` (a loaded job, or the row a claim's UPDATE returned) as a
+    gateway call needs it; `previous_status`: the status it had, when `job` is newer."""
     return Claim(
         job_id=job.id,
         lease_owner=actor,
@@ -970,8 +1151,9 @@ def claim_of(job: Job, actor: str) -> Claim:
         attempt_count=job.attempt_count,
         needs_status_check=job.needs_status_check,
         ambiguous_sends=job.ambiguous_sends,
-        previous_status=job.status,
+        previous_status=previous_status or job.status,
         created_at=job.created_at,
+        notify_url=job.notify_url,
     )
 
 

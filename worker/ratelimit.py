@@ -13,6 +13,15 @@ worker knows exactly when its turn comes — no retry storm of workers polling f
   its slot and reaches the gateway after a network delay that varies by a few milliseconds; the
   margin keeps that jitter from ever putting R + 1 calls into one second at the gateway, at the
   price of running at about 0.91 R.
+* A slot is a promise about when the call leaves, so the call must leave on time. The slot is
+  taken before the attempt's commit (so a worker that dies waiting for it leaves no `sending`
+  attempt behind); a slow commit or a descheduled process can then make the call late, and a
+  call late by more than the margin's 0.1 s lands in the same second as a later slot's call.
+  `keep_on_time`, right before the call, therefore gives up a slot the call is more than
+  `LATE_TOLERANCE_SECONDS` late for and waits for a fresh one (issue 7: under a loaded
+  machine a gateway limited to 5/s saw 7 calls in one second before this). Lateness is read
+  on the local monotonic clock against the earliest moment the slot can have been, so it is
+  never underestimated; sleeps end at the latest moment, so a call is never early.
 * A reservation more than `max_wait` away is refused without being taken (no slot is wasted):
   the caller hands the job back to the queue for that long, freeing the worker for other
   gateways' jobs. A nearer one is simply waited for: with prefetch 1 a worker holds one job, so
@@ -35,6 +44,9 @@ if TYPE_CHECKING:
     from redis.commands.core import Script
 
 MARGIN = 1.1
+# How late a call may leave after its slot. R slots span MARGIN seconds, so R + 1 calls can
+# only meet in one second if lateness plus the network's jitter exceed MARGIN - 1 (0.1 s).
+LATE_TOLERANCE_SECONDS = 0.05
 
 # KEYS[1] = the gateway's TAT key; ARGV = interval (s), max_wait (s), key ttl (ms).
 # Returns {granted (1|0), wait (s, as a string: Lua numbers lose precision in replies)}.
@@ -58,6 +70,19 @@ return {1, tostring(wait)}
 class Reservation:
     granted: bool
     wait_seconds: float  # granted: until the slot; refused: how long to come back after
+    # Local monotonic bounds of the slot's moment (the Redis call's round trip lies between):
+    # lateness is measured from the earliest, sleeps end at the latest. None: no limit applies.
+    earliest: float | None = None
+    latest: float | None = None
+
+    def late_by(self) -> float:
+        """Seconds since the slot (0 when unlimited or not yet due)."""
+        if self.earliest is None:
+            return 0.0
+        return max(0.0, time.monotonic() - self.earliest)
+
+
+UNLIMITED = Reservation(True, 0.0)
 
 
 class RateLimiter:
@@ -83,23 +108,49 @@ class RateLimiter:
             assert self._script is not None
             return self._script
 
-    def reserve(self, provider: str) -> Reservation:
-        """A slot for one call to `provider` (granted at once for unlimited gateways)."""
+    def reserve(self, provider: str, max_wait: float | None = None) -> Reservation:
+        """A slot for one call to `provider` (granted at once for unlimited gateways), or a
+        refusal when the slot would be more than `max_wait` (default: the limiter's) away."""
         rate = self.limits.get(provider)
         if not rate:
-            return Reservation(True, 0.0)
+            return UNLIMITED
+        max_wait = self.max_wait if max_wait is None else max_wait
         interval = MARGIN / rate
-        ttl_ms = int((self.max_wait + interval) * 1000) + 60_000
-        granted, wait = self._reserve_script()(
-            keys=[f"refundq:ratelimit:{provider}"], args=[interval, self.max_wait, ttl_ms]
+        ttl_ms = int((max_wait + interval) * 1000) + 60_000
+        script = self._reserve_script()
+        asked = time.monotonic()
+        granted, wait = script(
+            keys=[f"refundq:ratelimit:{provider}"], args=[interval, max_wait, ttl_ms]
         )
-        return Reservation(bool(int(granted)), float(wait))
+        answered = time.monotonic()
+        wait = float(wait)
+        if not int(granted):
+            return Reservation(False, wait)
+        return Reservation(True, wait, earliest=asked + wait, latest=answered + wait)
 
-    def wait_for_slot(self, provider: str) -> Reservation:
+    def wait_for_slot(self, provider: str, max_wait: float | None = None) -> Reservation:
         """Reserve, and sleep until a granted slot comes (at most `max_wait`)."""
-        reservation = self.reserve(provider)
-        if reservation.granted and reservation.wait_seconds > 0:
-            time.sleep(reservation.wait_seconds)
+        reservation = self.reserve(provider, max_wait)
+        if reservation.granted and reservation.latest is not None:
+            pause = reservation.latest - time.monotonic()
+            if pause > 0:
+                time.sleep(pause)
+        return reservation
+
+    def keep_on_time(
+        self, provider: str, reservation: Reservation, *, within: float
+    ) -> Reservation:
+        """Call right before the gateway call: `reservation` if the call is still on time for
+        it, else a fresh slot, waited for (the stale one goes unused). Refused when no on-time
+        slot could be had within `within` seconds; the call must then not be made."""
+        deadline = time.monotonic() + within
+        while reservation.late_by() > LATE_TOLERANCE_SECONDS:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return Reservation(False, self.max_wait)
+            reservation = self.wait_for_slot(provider, max_wait=remaining)
+            if not reservation.granted:
+                return reservation
         return reservation
 
 
