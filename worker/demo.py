@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import json
 import os
 import random
@@ -289,11 +290,18 @@ _LIBC = _load_libc()
 PR_SET_PDEATHSIG = 1
 
 
-def _die_with_the_demo() -> None:
-    """In the child, before exec: get SIGTERM when the demo dies, even by SIGKILL (Linux), so
-    no worker, beat, sandbox or Redis outlives a demo that could not clean up."""
+def _die_with_the_demo(demo_pid: int) -> None:
+    """In the child, before exec: get SIGKILL when the demo dies, even by SIGKILL (Linux), so
+    no worker, beat, sandbox or Redis outlives a demo that could not clean up. SIGKILL rather
+    than SIGTERM: everything the demo runs is thrown away with it, and a SIGTERM can go
+    unanswered by a process still starting up (a loaded machine left a Celery worker running
+    30 s after the demo died). A prefork worker's pool dies with its parent (Celery sets the
+    same signal for it)."""
     if _LIBC is not None:
-        _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != demo_pid:
+        # The demo died between fork and prctl: the signal will never come.
+        os._exit(1)
 
 
 @dataclass
@@ -337,7 +345,7 @@ class Children:
                 start_new_session=True,
                 # The demo runs no threads of its own (rich's Live is refreshed by hand), which
                 # is what makes a pre-exec hook safe.
-                preexec_fn=_die_with_the_demo,  # noqa: PLW1509
+                preexec_fn=functools.partial(_die_with_the_demo, os.getpid()),  # noqa: PLW1509
             )
         child = Child(name, popen, log_path)
         self.started.append(child)

@@ -57,6 +57,19 @@ def processes_in(workdir: str) -> list[int]:
     return found
 
 
+def describe(pids: list[int]) -> list[str]:
+    """Each process as `pid: command line (state)`, for a failure message."""
+    described = []
+    for pid in pids:
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            argv, state = "?", "gone"
+        described.append(f"{pid}: {argv.strip()} ({state})")
+    return described
+
+
 def final_rows(output: str) -> dict[int, str]:
     """The final table's rows by scenario number (the first line of each row)."""
     _before, _marker, table = output.partition("final states")
@@ -184,7 +197,9 @@ def test_a_demo_killed_outright_takes_its_processes_with_it(redis_server: RedisS
         wait_for(
             lambda: processes_in(workdir.group(1)) == [],
             timeout=30,
-            message=lambda: f"the demo's children to exit: {processes_in(workdir.group(1))}",
+            message=lambda: (
+                f"the demo's children to exit: {describe(processes_in(workdir.group(1)))}"
+            ),
         )
     finally:
         if demo.poll() is None:
