@@ -6,6 +6,7 @@ Currency facts (which codes exist, how many decimals) come from ISO 4217 through
 
 from __future__ import annotations
 
+import functools
 import re
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -32,17 +33,27 @@ def currency_exponent(code: Any, *, field: str = "currency") -> tuple[str, int]:
             field, f"{code!r} is not a currency code: use three letters (ISO 4217)"
         )
     code = code.upper()
+    problem = _exponent_of(code)
+    if isinstance(problem, str):
+        raise InvalidRequest(field, problem)
+    return code, problem
+
+
+@functools.lru_cache(maxsize=512)
+def _exponent_of(code: str) -> int | str:
+    """The decimals of an upper-case code, or why it is refused. Cached: every enqueue asks
+    several times, and the answer is fixed data (ISO 4217 is at most a few hundred codes)."""
     try:
         currency = moneyed.get_currency(code)
     except moneyed.CurrencyDoesNotExist:
-        raise InvalidRequest(field, f"{code} is not an ISO 4217 currency") from None
+        return f"{code} is not an ISO 4217 currency"
     if not _is_national(currency):
-        raise InvalidRequest(field, f"{code} is not a currency used for payments")
+        return f"{code} is not a currency used for payments"
     sub_unit = currency.sub_unit
     exponent = len(str(sub_unit)) - 1
     if sub_unit != 10**exponent:
-        raise InvalidRequest(field, f"{code} has no decimal minor unit")
-    return code, exponent
+        return f"{code} has no decimal minor unit"
+    return exponent
 
 
 def _is_national(currency: moneyed.Currency) -> bool:

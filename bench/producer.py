@@ -1,0 +1,99 @@
+"""One producer process: enqueue N refunds through refundq's Python API, or publish N baseline
+tasks, as fast as it can or at a fixed rate. Run by the bench as a subprocess (its environment
+points it at the stack); prints one JSON line with its timings.
+
+    python -m bench.producer refundq --n 5000 --prefix bench-1- --run r1 [--rate 200]
+    python -m bench.producer baseline --n 5000 --prefix bench-1-
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+
+ORIGINAL_AMOUNT = "1000000.00"
+REFUND_AMOUNT = "1.00"
+CURRENCY = "HKD"
+
+
+def _pace(started: float, index: int, rate: float | None) -> None:
+    if rate:
+        delay = started + index / rate - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+
+
+def produce_refundq(n: int, prefix: str, run: str, rate: float | None, offset: int) -> None:
+    from worker.client import enqueue_refund
+
+    cpu_at_start = _cpu()
+    started = time.perf_counter()
+    first_wall = time.time()
+    for i in range(n):
+        _pace(started, i, rate)
+        enqueue_refund(
+            provider="vai247",
+            payment_ref=f"{prefix}{offset + i}",
+            amount=REFUND_AMOUNT,
+            currency=CURRENCY,
+            original_amount=ORIGINAL_AMOUNT,
+            idempotency_key=f"{run}-{offset + i}",
+            reason="event cancelled",
+        )
+    _report(n, started, first_wall, cpu_at_start)
+
+
+def produce_baseline(n: int, prefix: str, rate: float | None, offset: int) -> None:
+    from bench.baseline import TASK, app
+    from worker.app import QUEUE
+
+    cpu_at_start = _cpu()
+    started = time.perf_counter()
+    first_wall = time.time()
+    for i in range(n):
+        _pace(started, i, rate)
+        app.send_task(TASK, args=[f"{prefix}{offset + i}", time.time()], queue=QUEUE)
+    _report(n, started, first_wall, cpu_at_start)
+
+
+def _cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _report(n: int, started: float, first_wall: float, cpu_at_start: float) -> None:
+    """The loop's figures (imports and connection setup before it are not counted)."""
+    seconds = time.perf_counter() - started
+    print(
+        json.dumps(
+            {
+                "n": n,
+                "seconds": seconds,
+                "rate": n / seconds if seconds else 0.0,
+                "first_wall": first_wall,
+                "cpu_seconds": _cpu() - cpu_at_start,
+            }
+        ),
+        flush=True,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.producer")
+    parser.add_argument("target", choices=["refundq", "baseline"])
+    parser.add_argument("--n", type=int, required=True)
+    parser.add_argument("--prefix", required=True, help="payment refs are <prefix><index>")
+    parser.add_argument("--offset", type=int, default=0)
+    parser.add_argument("--run", default="run", help="idempotency keys are <run>-<index>")
+    parser.add_argument("--rate", type=float, default=None, help="jobs/s (default: flat out)")
+    args = parser.parse_args()
+    if args.target == "refundq":
+        produce_refundq(args.n, args.prefix, args.run, args.rate, args.offset)
+    else:
+        produce_baseline(args.n, args.prefix, args.rate, args.offset)
+
+
+if __name__ == "__main__":
+    main()
