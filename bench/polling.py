@@ -124,7 +124,7 @@ def _make_due_again(due_ids: list[str]) -> None:
 
 def _plan(backend: str) -> str:
     """How the database finds the due jobs (the partial index on next_poll_at)."""
-    from sqlalchemy import select, text
+    from sqlalchemy import select
     from sqlmodel import col
 
     from worker.clock import utcnow
@@ -138,11 +138,15 @@ def _plan(backend: str) -> str:
         .order_by(col(Job.next_poll_at))
         .limit(200)
     )
-    compiled = query.compile(engine, compile_kwargs={"literal_binds": False})
     prefix = "EXPLAIN QUERY PLAN " if backend == "sqlite" else "EXPLAIN "
-    params = compiled.params
     with engine.connect() as connection:
-        rows = connection.execute(text(prefix + str(compiled)), params).all()
+        # The statement as the driver sees it, with its parameters in the driver's own style
+        # (SQLite's are positional).
+        compiled = query.compile(connection)
+        params: Any = compiled.params
+        if compiled.positiontup is not None:
+            params = tuple(compiled.params[name] for name in compiled.positiontup)
+        rows = connection.exec_driver_sql(prefix + str(compiled), params).all()
     return " | ".join(str(r[-1]) for r in rows)
 
 
