@@ -88,7 +88,8 @@ def _cumulative(stats: pstats.Stats, wanted: list[tuple[str, str, str]]) -> dict
                 filename.endswith(suffix) or (suffix == "~" and filename == "~")
             ):
                 found[label] = found.get(label, 0.0) + cumulative
-    return found
+    # In the order `wanted` declares, so each "of which" line follows its phase.
+    return {label: found[label] for _suffix, _name, label in wanted if label in found}
 
 
 def _profile_backend(stack: Stack, backend: str, n: int, keep: Path | None) -> dict[str, Any]:
