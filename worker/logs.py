@@ -104,6 +104,11 @@ def configure_logging(level: str | None = None) -> None:
         library_logger = logging.getLogger(name)
         library_logger.handlers.clear()
         library_logger.propagate = True
+    # billiard (the prefork pool) logs through "multiprocessing" and makes that logger
+    # non-propagating when it first uses it; without a handler of its own, a pool process's
+    # error (a soft time limit landing between two tasks) reached stderr as bare text through
+    # logging's last resort. A handler on the logger itself survives billiard's setting.
+    logging.getLogger("multiprocessing").handlers[:] = [handler]
     # Python warnings (deprecations, Celery's security warnings) become log events too.
     logging.captureWarnings(True)
     # httpx logs every request URL at INFO; refundq logs its own attempts.

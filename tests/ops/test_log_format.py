@@ -77,6 +77,15 @@ try:
     raise RuntimeError("gateway said no to Bearer t-secret-3")
 except RuntimeError:
     log.exception("provider.bug", job_id="j1")
+
+# A prefork pool process reports its own failures through billiard's logger, which billiard
+# makes non-propagating (a soft time limit landing between two tasks did this under load).
+import billiard.util
+try:
+    raise TimeoutError("soft time limit")
+except TimeoutError as exc:
+    billiard.util.get_logger()
+    billiard.util.error("Pool process %r error: %r", "worker-1", exc, exc_info=1)
 """
 
 
@@ -109,5 +118,7 @@ def test_every_record_is_one_json_line_with_secrets_masked():
     assert any(e["logger"] == "py.warnings" for e in events)
     failure = by_event["provider.bug"]
     assert "RuntimeError" in failure["exception"]
+    pool = next(e for e in events if e["logger"] == "multiprocessing")
+    assert pool["level"] == "error" and "TimeoutError" in pool["exception"]
     for secret in ("k-secret-1", "t-secret-2", "t-secret-3", "00112233445566778899aabbccddeeff"):
         assert secret not in result.stderr
