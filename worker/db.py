@@ -10,8 +10,7 @@
   write never fails with SQLITE_BUSY halfway (CELERY_NOTES.md 7). Waiting for the write lock is
   ours, not SQLite's (`_begin_immediate`): SQLite's busy handler sleeps 1, 2, 5, 10, 15, 20,
   25 ms... between tries, so with a few processes writing, a lock held for half a millisecond
-  kept the others asleep for tens (issue 7: p99 wait 36 ms against 9 ms, 20% fewer
-  transactions/s; BENCHMARKS.md).
+  kept the others asleep for tens (issue 7, BENCHMARKS.md).
 * Transactions are short and never held across an HTTP call (`worker.jobs` commits before it
   calls a gateway).
 """

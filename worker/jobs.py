@@ -7,9 +7,10 @@ gateway outside any transaction, *apply the outcome* (commit). Recovery (the rea
 dispatcher, reconciliation) re-enters the same functions, so it is the normal path.
 
 The hot path (enqueue, claim, record, apply) runs Core statements on a Core connection, most of
-them built once at import: the ORM's unit of work and per-call statement building cost more
-CPU than the database did (issue 7, BENCHMARKS.md). The claim is an `UPDATE ... RETURNING`, so
-the row it needs comes back from the compare-and-set itself.
+them built once at import: the ORM's unit of work and per-call statement building are Python
+work a job pays on two busy cores for nothing the database needs (issue 7, BENCHMARKS.md).
+The claim is an `UPDATE ... RETURNING`, so the row it needs comes back from the compare-and-set
+itself.
 
 This module reads provider *capabilities*, never provider names (STYLE.md 2).
 """
@@ -164,8 +165,8 @@ def transition(
 
 
 # Compare-and-set statements by shape (source statuses, lease check, columns set), built once
-# each: building and hashing a fresh UPDATE cost more than running it (issue 7). The shapes are
-# the few the state machine has, so the cache stays small.
+# each, rather than built and cache-keyed afresh on every transition (issue 7). The shapes
+# are the few the state machine has, so the cache stays small.
 _CAS_STATEMENTS: dict[tuple[tuple[str, ...], bool, tuple[str, ...]], Update] = {}
 
 
@@ -351,7 +352,7 @@ def insert_job(new: NewJob, job_id: str, *, actor: str = "producer") -> tuple[Jo
         assert replayed is not None, "jobs are never deleted"
         return JobView.of(replayed), False
     # The view of the row just written, from its values: `JobView.of` only reads attributes,
-    # and building an ORM `Job` for it cost a quarter of the insert (issue 7).
+    # and an ORM `Job` would be built only to be read once (issue 7).
     return JobView.of(cast(Job, SimpleNamespace(**{**_JOB_DEFAULTS, **values}))), True
 
 
