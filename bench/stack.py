@@ -371,6 +371,11 @@ def _figures(
         "throughput": round(n / span, 1),
         "seconds": round(span, 2),
         "latency": latency_summary([p[1] - p[0] for p in pairs]),
+        "slowest_1pct_at": _slowest_positions(pairs),
+        # Without the run's start (first connections of the producer and of each pool process).
+        "latency_after_first_5pct": latency_summary(
+            [f - c for c, f in sorted(pairs)[len(pairs) // 20 :]]
+        ),
         "cpu_ms_per_job": per_job,
         "foreign_cpu_share": round(max(0.0, busy - ours) / busy, 3) if busy else 0.0,
         "loadavg_before": load_before,
@@ -383,3 +388,14 @@ def _figures(
         f"foreign {figures['foreign_cpu_share']:.0%}  {dict(statuses)}"
     )
     return figures
+
+
+def _slowest_positions(pairs: list[tuple[float, float]]) -> list[float]:
+    """Where in the run (0 = first job enqueued, 1 = last) the slowest 1% of jobs were
+    enqueued: clustered at 0, the tail is warm-up; spread out, it is something recurring."""
+    if not pairs:
+        return []
+    ordered = sorted(pairs)
+    count = max(1, len(ordered) // 100)
+    slowest = sorted(range(len(ordered)), key=lambda i: ordered[i][0] - ordered[i][1])[:count]
+    return sorted(round(i / len(ordered), 3) for i in slowest)
