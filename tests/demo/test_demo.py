@@ -139,12 +139,15 @@ def test_without_any_redis_the_demo_says_how_to_get_one(tmp_path: Path):
     assert "Traceback" not in output
 
 
-@pytest.mark.slow
-def test_ctrl_c_stops_every_process_the_demo_started(redis_server: RedisServer):
+def start_demo_until_enqueued(
+    redis_server: RedisServer, db: int
+) -> tuple[subprocess.Popen[str], list[str], str]:
+    """`refundq demo` as a child, read up to the line saying its jobs are enqueued (its
+    processes all run by then): the child, the lines read, and the demo's work directory."""
     demo = subprocess.Popen(
         [sys.executable, "-m", "worker.cli", "demo"],
         cwd=REPO,
-        env=demo_env(REFUNDQ_BROKER_URL=redis_server.url_for(DEMO_DB + 1)),
+        env=demo_env(REFUNDQ_BROKER_URL=redis_server.url_for(db)),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -158,7 +161,18 @@ def test_ctrl_c_stops_every_process_the_demo_started(redis_server: RedisServer):
                 break
         workdir = WORKDIR.search("".join(lines))
         assert workdir, "".join(lines)
-        assert processes_in(workdir.group(1)), "the demo's processes should be running"
+    except BaseException:
+        demo.kill()
+        demo.wait(timeout=10)
+        raise
+    return demo, lines, workdir.group(1)
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_every_process_the_demo_started(redis_server: RedisServer):
+    demo, lines, workdir = start_demo_until_enqueued(redis_server, DEMO_DB + 1)
+    try:
+        assert processes_in(workdir), "the demo's processes should be running"
 
         demo.send_signal(signal.SIGINT)
         rest, _ = demo.communicate(timeout=60)
@@ -168,44 +182,24 @@ def test_ctrl_c_stops_every_process_the_demo_started(redis_server: RedisServer):
     output = "".join(lines) + rest
     assert demo.returncode == 130, output
     assert "interrupted" in output
-    assert processes_in(workdir.group(1)) == []
+    assert processes_in(workdir) == []
 
 
 @pytest.mark.slow
 def test_a_demo_killed_outright_takes_its_processes_with_it(redis_server: RedisServer):
-    demo = subprocess.Popen(
-        [sys.executable, "-m", "worker.cli", "demo"],
-        cwd=REPO,
-        env=demo_env(REFUNDQ_BROKER_URL=redis_server.url_for(DEMO_DB + 2)),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    lines: list[str] = []
-    workdir = None
+    demo, _lines, workdir = start_demo_until_enqueued(redis_server, DEMO_DB + 2)
     try:
-        assert demo.stdout is not None
-        for line in demo.stdout:
-            lines.append(line)
-            if "enqueued" in line:
-                break
-        workdir = WORKDIR.search("".join(lines))
-        assert workdir, "".join(lines)
-
         demo.kill()  # SIGKILL: no finally, no cleanup in the demo itself
         demo.wait(timeout=10)
         wait_for(
-            lambda: processes_in(workdir.group(1)) == [],
+            lambda: processes_in(workdir) == [],
             timeout=30,
-            message=lambda: (
-                f"the demo's children to exit: {describe(processes_in(workdir.group(1)))}"
-            ),
+            message=lambda: f"the demo's children to exit: {describe(processes_in(workdir))}",
         )
     finally:
         if demo.poll() is None:
             demo.kill()
-        if workdir:
-            shutil.rmtree(workdir.group(1), ignore_errors=True)
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def test_a_shared_redis_gets_a_logical_database_nobody_uses(
