@@ -54,10 +54,14 @@ def execute_job(job_id: str, *, publish: Publish, owner: str | None = None) -> s
     Safe to run twice, late, or after a crash: only a successful claim does anything."""
     settings = get_settings()
     owner = owner or worker_name()
-    claim = jobs.claim_job(job_id, owner, settings.lease_seconds)
-    if claim is None:
+    limiter = ratelimit.limiter(settings)
+    claimed = jobs.claim_job(
+        job_id, owner, settings.lease_seconds, first_call=_first_call_now(limiter)
+    )
+    if claimed is None:
         log.debug("job.not_claimed", job_id=job_id)
         return "not claimed"
+    claim, recorded = claimed
     failpoint("after_claim")
     bound = log.bind(job_id=job_id, provider=claim.provider, attempt=claim.attempt_count)
     retry = policy.retry_policy(settings)
@@ -69,13 +73,13 @@ def execute_job(job_id: str, *, publish: Publish, owner: str | None = None) -> s
         return _after_turn(job_id, turn, publish, settings, claim)
     capabilities = provider.capabilities
     request = claim.gateway_request(callback_url=gateways.callback_url(claim.provider, job_id))
-    limiter = ratelimit.limiter(settings)
 
     if claim.needs_status_check:
-        slot = _await_slot(limiter, claim)
-        if isinstance(slot, jobs.Turn):
-            return _after_turn(job_id, slot, publish, settings, claim)
-        attempt_id = jobs.record_attempt(claim, "status", _summary(request, "status"))
+        ready = _slot_and_attempt(limiter, claim, "status", request, recorded)
+        if isinstance(ready, jobs.Turn):
+            return _after_turn(job_id, ready, publish, settings, claim)
+        slot, attempt_id = ready
+        recorded = None  # spent on the status check; a send after it records its own
         outcome = _call_in_slot(provider.status, request, limiter, claim, slot)
         if outcome.result is not None and outcome.result.outcome is Outcome.NOT_FOUND:
             # The gateway never received the earlier send: sending now cannot refund twice.
@@ -91,10 +95,10 @@ def execute_job(job_id: str, *, publish: Publish, owner: str | None = None) -> s
             )
             return _after_turn(job_id, turn, publish, settings, claim)
 
-    slot = _await_slot(limiter, claim)
-    if isinstance(slot, jobs.Turn):
-        return _after_turn(job_id, slot, publish, settings, claim)
-    attempt_id = jobs.record_attempt(claim, "send", _summary(request, "send"))
+    ready = _slot_and_attempt(limiter, claim, "send", request, recorded)
+    if isinstance(ready, jobs.Turn):
+        return _after_turn(job_id, ready, publish, settings, claim)
+    slot, attempt_id = ready
     failpoint("before_send")
     outcome = _call_in_slot(provider.submit, request, limiter, claim, slot)
     failpoint("after_send")
@@ -110,6 +114,42 @@ def execute_job(job_id: str, *, publish: Publish, owner: str | None = None) -> s
         retry_in=turn.delay_seconds,
     )
     return _after_turn(job_id, turn, publish, settings, claim)
+
+
+def _first_call_now(limiter: ratelimit.RateLimiter | None) -> jobs.FirstCall:
+    """The turn's first call for `jobs.claim_job` to record with the claim, when nothing stands
+    between them: the provider is configured and its gateway has no rate limit to wait for."""
+
+    def first_call(claim: jobs.Claim) -> tuple[str, dict[str, Any]] | None:
+        if limiter is not None and limiter.limits.get(claim.provider):
+            return None
+        try:
+            gateways.get_provider(claim.provider)
+        except ProviderUnavailable:
+            return None  # the turn gives up without a call (`_give_up_unconfigured`)
+        purpose = "status" if claim.needs_status_check else "send"
+        callback = gateways.callback_url(claim.provider, claim.job_id)
+        return purpose, _summary(claim.gateway_request(callback_url=callback), purpose)
+
+    return first_call
+
+
+def _slot_and_attempt(
+    limiter: ratelimit.RateLimiter | None,
+    claim: jobs.Claim,
+    purpose: str,
+    request: GatewayRequest,
+    recorded: int | None,
+) -> tuple[ratelimit.Reservation, int] | jobs.Turn:
+    """The rate-limit slot and the committed attempt row for the next call: the one recorded
+    with the claim, or a slot waited for and then the attempt recorded; or the turn that hands
+    the job back when no slot comes soon."""
+    if recorded is not None:
+        return ratelimit.UNLIMITED, recorded
+    slot = _await_slot(limiter, claim)
+    if isinstance(slot, jobs.Turn):
+        return slot
+    return slot, jobs.record_attempt(claim, purpose, _summary(request, purpose))
 
 
 def _await_slot(

@@ -4,7 +4,8 @@ die, deterministically, in the spirit of TiKV's `fail-rs` and FoundationDB's BUG
     REFUNDQ_FAILPOINTS="after_claim=sleep(30)"            # hold the claim, do nothing
     REFUNDQ_FAILPOINTS="after_send=kill"                   # the gateway answered; die unrecorded
 
-Points: `after_claim` (claimed, nothing recorded or sent), `before_send` (the attempt is
+Points: `after_claim` (claimed, nothing sent; the attempt is recorded already when the claim
+recorded it, i.e. unless the gateway has a rate limit), `before_send` (the attempt is
 recorded as sending, nothing sent yet), `after_send` (the gateway answered, nothing recorded).
 Actions: `sleep(<seconds>)`, `jitter(<seconds>)` (sleep a random time up to that: a slow
 commit, a descheduled process), `kill` (SIGKILL this process), `kill(<probability>)`.

@@ -533,10 +533,29 @@ _CLAIM = (
 check_transition(CLAIMABLE, S.SUBMITTING)
 
 
-def claim_job(job_id: str, lease_owner: str, lease_seconds: float) -> Claim | None:
+# The first call of a turn, as `claim_job` asks the worker for it: (purpose, request summary),
+# or None when something may stand between the claim and that call.
+FirstCall = Callable[[Claim], tuple[str, Mapping[str, Any]] | None]
+
+
+def claim_job(
+    job_id: str,
+    lease_owner: str,
+    lease_seconds: float,
+    first_call: FirstCall | None = None,
+) -> tuple[Claim, int | None] | None:
     """Rule 2, claim before work: queued|retry_wait -> submitting with a lease, in one CAS.
     None when there is nothing to claim (done already, held by another worker, not yet due):
-    a duplicate or late message simply ends there."""
+    a duplicate or late message simply ends there.
+
+    `first_call(claim)` may name the call the worker makes next, when nothing can come between
+    the claim and that call (no rate-limit wait, the provider ready): its attempt row is then
+    written in the claim's transaction (rule 3 holds, it commits before the call) and its id
+    returned with the claim, so a job costs one transaction fewer (issue 7, BENCHMARKS.md). The
+    price: a worker killed in the instant between this commit and the call leaves a `sending`
+    attempt, which rule 5 must treat as possibly sent, where a separate claim would have left
+    a clean one. Otherwise (None, or no `first_call`) the attempt id is None and the worker
+    records its attempt itself (`record_attempt`)."""
     now = utcnow()
     params = {
         "b_job_id": job_id,
@@ -561,7 +580,10 @@ def claim_job(job_id: str, lease_owner: str, lease_seconds: float) -> Claim | No
             kind="transition",
             actor=lease_owner,
         )
-    return claim_of(row, lease_owner, previous_status=previous.value)
+        claim = claim_of(row, lease_owner, previous_status=previous.value)
+        call = first_call(claim) if first_call is not None else None
+        attempt_id = None if call is None else _insert_attempt(connection, claim, *call)
+    return claim, attempt_id
 
 
 _INSERT_ATTEMPT = insert(ATTEMPTS)
@@ -571,19 +593,25 @@ def record_attempt(claim: Claim, purpose: str, request_summary: Mapping[str, Any
     """Rule 3, record before send: the attempt row commits as `sending` before the call, so a
     worker that dies mid-call leaves evidence that the request may have left."""
     with write_transaction() as connection:
-        result = connection.execute(
-            _INSERT_ATTEMPT,
-            {
-                "job_id": claim.job_id,
-                "number": claim.attempt_count,
-                "purpose": purpose,
-                "state": "sending",
-                "lease_owner": claim.lease_owner,
-                "started_at": utcnow(),
-                "request_summary": dict(request_summary),
-            },
-        )
-        attempt_id = result.inserted_primary_key[0]  # type: ignore[index]
+        return _insert_attempt(connection, claim, purpose, request_summary)
+
+
+def _insert_attempt(
+    connection: Connection, claim: Claim, purpose: str, request_summary: Mapping[str, Any]
+) -> int:
+    result = connection.execute(
+        _INSERT_ATTEMPT,
+        {
+            "job_id": claim.job_id,
+            "number": claim.attempt_count,
+            "purpose": purpose,
+            "state": "sending",
+            "lease_owner": claim.lease_owner,
+            "started_at": utcnow(),
+            "request_summary": dict(request_summary),
+        },
+    )
+    attempt_id = result.inserted_primary_key[0]  # type: ignore[index]
     assert attempt_id is not None
     return int(attempt_id)
 
