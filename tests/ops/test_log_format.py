@@ -10,9 +10,11 @@ import subprocess
 import sys
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.support.stack import REPO
-from worker.logs import scrub
+from worker.logs import _substitute, scrub
 
 PEM = (
     "-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASCBKcwggSjAgEAAoIBAQC7\n"
@@ -46,6 +48,23 @@ PEM = (
 def test_scrub_masks_credentials_in_free_text(text: str, secret: str):
     assert secret in text
     assert secret not in scrub(text)
+
+
+# Pieces of the texts each masking pattern looks for, and of what they mask.
+FRAGMENTS = [
+    "Bearer ", "bearer\t", "sign=", "SIGN=", "0fa9", "abc", "-----BEGIN ", "RSA ",
+    "PRIVATE KEY-----", "-----END ", "api_key", "API-KEY", "apikey", "secret", "Password",
+    "token", "'", '"', ":", "=", " ", ",", "}", "signature", "/webhooks/", "vaultspay/",
+    "job_1.", "Task refundq.execute_job",
+]  # fmt: skip
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.one_of(st.sampled_from(FRAGMENTS), st.text(max_size=4)), max_size=12))
+def test_scrub_skips_only_texts_no_pattern_could_match(pieces: list[str]):
+    """The quick look for a hint word must never let through what the patterns would mask."""
+    text = "".join(pieces)
+    assert scrub(text) == _substitute(text)
 
 
 def test_scrub_keeps_prose_and_the_job_id_readable():
