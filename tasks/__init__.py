@@ -8,7 +8,14 @@ Arguments are job ids only: Flower and the broker never see credentials or custo
 from __future__ import annotations
 
 from worker import engine
-from worker.app import EXECUTE_JOB, POLL_JOB, app, publish_job, publish_poll
+from worker.app import (
+    EXECUTE_JOB,
+    POLL_JOB,
+    app,
+    oldest_waiting_published_at,
+    publish_job,
+    publish_poll,
+)
 
 
 @app.task(name=EXECUTE_JOB, acks_late=True, reject_on_worker_lost=True)
@@ -20,7 +27,7 @@ def execute_job(job_id: str) -> str:
 @app.task(name="refundq.dispatch_queued")
 def dispatch_queued() -> int:
     """Re-publish jobs whose time has come and whose message may be lost."""
-    return engine.dispatch_queued(publish=publish_job)
+    return engine.dispatch_queued(publish=publish_job, waiting_since=oldest_waiting_published_at)
 
 
 @app.task(name="refundq.reap_expired")

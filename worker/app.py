@@ -18,6 +18,9 @@ Settings chosen on purpose (CELERY_NOTES.md has the sources):
 
 from __future__ import annotations
 
+import json
+import time
+from datetime import UTC, datetime
 from typing import Any
 
 from celery import Celery
@@ -87,15 +90,64 @@ def configure(settings: Settings | None = None) -> None:
     kombu.pools.reset()
 
 
+# Every message refundq publishes says when (epoch seconds): read off the oldest message still
+# waiting in the queue, it tells the dispatcher which jobs' messages are in the queue's backlog.
+PUBLISHED_AT_HEADER = "refundq_published_at"
+
+
+def published_now() -> dict[str, float]:
+    """The headers of a message published now."""
+    return {PUBLISHED_AT_HEADER: time.time()}
+
+
 def publish_job(job_id: str, countdown: float | None = None) -> None:
     """Publish `refundq.execute_job(job_id)`. Callers commit the job first, with
     `message_due_at` set to when this message is due (the dispatcher's yardstick)."""
-    app.send_task(EXECUTE_JOB, args=[job_id], task_id=job_id, countdown=countdown, queue=QUEUE)
+    app.send_task(
+        EXECUTE_JOB,
+        args=[job_id],
+        task_id=job_id,
+        countdown=countdown,
+        queue=QUEUE,
+        headers=published_now(),
+    )
 
 
 def publish_poll(job_id: str) -> None:
     """Publish `refundq.poll_job(job_id)` (after the poll was claimed)."""
-    app.send_task(POLL_JOB, args=[job_id], queue=QUEUE)
+    app.send_task(POLL_JOB, args=[job_id], queue=QUEUE, headers=published_now())
+
+
+# How far from the queue's oldest end to look for a message that carries its publish time
+# (beat's own messages do not).
+_BACKLOG_SCAN = 50
+
+
+def oldest_waiting_published_at(settings: Settings | None = None) -> datetime | None:
+    """When the oldest refundq message still waiting in the queue was published; None when the
+    queue is empty (or holds nothing of ours near its oldest end, or cannot be read).
+
+    Kombu's Redis transport LPUSHes messages onto a list named after the queue and workers BRPOP
+    them: the oldest waiting message is at the list's tail. Read with a plain Redis client, like
+    the rate limiter; any failure only means the dispatcher falls back to its plain rule."""
+    import redis
+
+    settings = settings or get_settings()
+    try:
+        client = redis.Redis.from_url(settings.broker_url, socket_timeout=5)
+        try:
+            oldest_first = reversed(client.lrange(QUEUE, -_BACKLOG_SCAN, -1))
+        finally:
+            client.close()
+    except (redis.RedisError, ValueError):
+        return None
+    for raw in oldest_first:
+        try:
+            published = float(json.loads(raw)["headers"][PUBLISHED_AT_HEADER])
+        except (ValueError, KeyError, TypeError):
+            continue
+        return datetime.fromtimestamp(published, UTC)
+    return None
 
 
 @worker_process_init.connect

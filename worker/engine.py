@@ -11,7 +11,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from providers.base import (
@@ -385,14 +385,25 @@ def reap_expired(*, publish: Publish, reaper: str | None = None) -> dict[str, in
     return counts
 
 
-def dispatch_queued(*, publish: Publish) -> int:
+def dispatch_queued(
+    *, publish: Publish, waiting_since: Callable[[], datetime | None] | None = None
+) -> int:
     """Publish jobs whose time has come and whose message may be lost. Two dispatchers at once
-    publish each job once: `jobs.mark_published` is a compare-and-set."""
+    publish each job once: `jobs.mark_published` is a compare-and-set.
+
+    A message is presumed lost once it is `redispatch_after` overdue. Behind a backlog (a shop
+    refunding thousands at once) messages wait longer than that and are not lost: re-published,
+    each would run once more for nothing and lengthen the queue it waits in, tick after tick.
+    So when `waiting_since()` says when the oldest message still waiting was published, only
+    jobs whose message was due `redispatch_after` before *that* count as lost: the queue is
+    first in, first out, so theirs is not in it."""
     settings = get_settings()
     now = utcnow()
     redispatch_after = timedelta(seconds=settings.redispatch_after_seconds)
-    due = jobs.due_for_dispatch(now, redispatch_after, settings.dispatch_batch_size)
-    mine = jobs.mark_published(due, now, only_if_stale_before=now - redispatch_after)
+    oldest_waiting = waiting_since() if waiting_since is not None else None
+    stale = min(now, oldest_waiting or now) - redispatch_after
+    due = jobs.due_for_dispatch(now, stale, settings.dispatch_batch_size)
+    mine = jobs.mark_published(due, now, only_if_stale_before=stale)
     for job_id in mine:
         publish(job_id, None)
     if mine:

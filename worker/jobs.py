@@ -999,8 +999,8 @@ class _WorkerLostBeforeSend(GatewayError):
 # on. SKIP LOCKED would only save those lost updates — not worth a second, PostgreSQL-only path.
 
 
-def due_for_dispatch(now: datetime, redispatch_after: timedelta, limit: int) -> list[str]:
-    """Jobs whose time has come and whose last message, if any, should have run by now.
+def due_for_dispatch(now: datetime, stale: datetime, limit: int) -> list[str]:
+    """Jobs whose time has come and whose last message, if any, was due at `stale` or before.
 
     `message_due_at` is when the last message published for the job was due to run; a job
     still claimable well past that has lost its message (Redis flushed, restarted, or a
@@ -1008,7 +1008,6 @@ def due_for_dispatch(now: datetime, redispatch_after: timedelta, limit: int) -> 
     """
     from worker.db import read_session
 
-    stale = now - redispatch_after
     with read_session() as session:
         return list(
             session.execute(

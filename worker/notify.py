@@ -92,9 +92,11 @@ def retry_delay(schedule: Sequence[float], attempts_made: int) -> float:
 def publish_notification(job_id: str, countdown: float | None = None) -> None:
     """Publish `refundq.notify(job_id)`: deliver the job's due notifications (after their rows
     committed). Like every refundq task it takes a job id only (DESIGN.md rule 9)."""
-    from worker.app import QUEUE, app
+    from worker.app import QUEUE, app, published_now
 
-    app.send_task(NOTIFY_TASK, args=[job_id], countdown=countdown, queue=QUEUE)
+    app.send_task(
+        NOTIFY_TASK, args=[job_id], countdown=countdown, queue=QUEUE, headers=published_now()
+    )
 
 
 # ---------------------------------------------------------------------------------------------
