@@ -4,11 +4,12 @@ N refunds are enqueued first (by a producer process under cProfile: the enqueue 
 worker drains them. Two views of the worker:
 
 * `--mode cprofile` (default): a `--pool solo` worker under cProfile, so every task runs in the
-  profiled process. Wall time per job in each phase of a turn — claim (one transaction), record
-  the attempt (one transaction), the gateway call (provider + httpx + the sandbox answering),
-  apply the outcome (one transaction), on_settled — and what is left to Celery (receiving,
-  acknowledging, events, its own logging); plus SQL statements, commits and pool checkouts per
-  job. cProfile inflates Python-heavy code against C and I/O, so read shares, not absolutes.
+  profiled process. Wall time per job in each phase of a turn — claim with the attempt row
+  (one transaction; the attempt is recorded apart only for rate-limited gateways), the gateway
+  call (provider + httpx + the sandbox answering), apply the outcome (one transaction),
+  on_settled — and what is left to Celery (receiving, acknowledging, events, its own logging);
+  plus SQL statements, commits and pool checkouts per job.
+  cProfile inflates Python-heavy code against C and I/O, so read shares, not absolutes.
 * `--mode py-spy`: a worker with the pool under test (default prefork x4) drains a full queue
   under py-spy (non-idle samples only: CPU, which is what limits a 2-core machine); the stacks
   are grouped by phase and weighed with the worker's CPU time from /proc, giving CPU ms per job
@@ -43,11 +44,11 @@ from bench.stack import PAYMENT_PREFIX, Stack
 # (file suffix, function) -> phase; cumulative times are read for each.
 PHASES: list[tuple[str, str, str]] = [
     ("tasks/__init__.py", "execute_job", "task body (refundq)"),
-    ("worker/jobs.py", "claim_job", "claim (txn 1)"),
-    ("worker/jobs.py", "record_attempt", "record attempt (txn 2)"),
+    ("worker/jobs.py", "claim_job", "claim + attempt row (txn 1)"),
+    ("worker/jobs.py", "record_attempt", "record attempt apart (rate-limited gateways)"),
     ("worker/engine.py", "_call", "gateway call (provider + HTTP)"),
     ("providers/base.py", "send", "  of which httpx send+read"),
-    ("worker/jobs.py", "apply", "apply outcome (txn 3)"),
+    ("worker/jobs.py", "apply", "apply outcome (txn 2)"),
     ("worker/engine.py", "on_settled", "on_settled (notify check)"),
     ("logging/__init__.py", "_log", "logging (all, incl. Celery's)"),
 ]
@@ -198,12 +199,12 @@ def _profile_backend(stack: Stack, backend: str, n: int, keep: Path | None) -> d
 
 # (function, file) -> phase. py-spy's raw frames read "function (path/to/file.py:line)".
 CATEGORIES = [
-    ("claim_job", "worker/jobs.py", "claim (txn 1)"),
-    ("record_attempt", "worker/jobs.py", "record attempt (txn 2)"),
+    ("claim_job", "worker/jobs.py", "claim + attempt row (txn 1)"),
+    ("record_attempt", "worker/jobs.py", "record attempt apart (rate-limited gateways)"),
     ("json_bytes", "providers/base.py", "gateway: request body (json_bytes)"),
     ("send", "providers/base.py", "gateway: httpx send + read"),
     ("_call", "worker/engine.py", "gateway: provider other (models, parsing)"),
-    ("_apply", "worker/engine.py", "apply outcome (txn 3)"),
+    ("_apply", "worker/engine.py", "apply outcome (txn 2)"),
     ("on_settled", "worker/engine.py", "on_settled"),
     ("_log", "logging/__init__.py", "logging"),
 ]
@@ -260,6 +261,8 @@ def _py_spy_target(
     from bench.stack import Run, RunConfig
 
     py_spy = shutil.which("py-spy") or str(Path(python()).with_name("py-spy"))
+    if not Path(py_spy).exists():
+        raise SystemExit("--mode py-spy needs py-spy: pip install -e '.[bench]'")
     services = stack.services
     redis_db = stack.new_redis_db()
     database_url = services.new_database(backend, f"pyspy-{redis_db}") if backend else None
