@@ -152,11 +152,13 @@ def oldest_waiting_published_at(settings: Settings | None = None) -> datetime | 
 
 @worker_process_init.connect
 def _after_fork(**_: Any) -> None:
-    """Never use a database connection or an HTTP pool across fork (CELERY_NOTES.md 7)."""
-    from worker import db, gateways
+    """Never use a database connection or an HTTP pool across fork (CELERY_NOTES.md 7); build
+    this process's own before its first job (`gateways.warm`)."""
+    from worker import db, gateways, notify  # noqa: F401 - notify: imported now, not in a turn
 
     db.reset_after_fork()
     gateways.reset()
+    gateways.warm()
 
 
 @setup_logging.connect

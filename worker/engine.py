@@ -118,15 +118,16 @@ def execute_job(job_id: str, *, publish: Publish, owner: str | None = None) -> s
 
 def _first_call_now(limiter: ratelimit.RateLimiter | None) -> jobs.FirstCall:
     """The turn's first call for `jobs.claim_job` to record with the claim, when nothing stands
-    between them: the provider is configured and its gateway has no rate limit to wait for."""
+    between them: the provider is built (`gateways.warm` builds every configured one when a
+    worker process starts) and its gateway has no rate limit to wait for."""
 
     def first_call(claim: jobs.Claim) -> tuple[str, dict[str, Any]] | None:
         if limiter is not None and limiter.limits.get(claim.provider):
             return None
-        try:
-            gateways.get_provider(claim.provider)
-        except ProviderUnavailable:
-            return None  # the turn gives up without a call (`_give_up_unconfigured`)
+        if gateways.built_provider(claim.provider) is None:
+            # Not configured (the turn gives up without a call), or not built yet: building it
+            # here would hold the transaction open through a TLS setup.
+            return None
         purpose = "status" if claim.needs_status_check else "send"
         callback = gateways.callback_url(claim.provider, claim.job_id)
         return purpose, _summary(claim.gateway_request(callback_url=callback), purpose)
