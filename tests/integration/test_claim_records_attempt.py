@@ -7,25 +7,11 @@ from __future__ import annotations
 from sqlalchemy import select
 
 import providers
-from tests.support.stack import Stack, unique
+from tests.support.stack import Stack
 from worker import engine, gateways, jobs, ratelimit
-from worker.client import enqueue_refund
 from worker.db import read_session
 from worker.models import Attempt
 from worker.settings import get_settings
-
-
-def _queued_job(stack: Stack) -> str:
-    ref = unique("ord")
-    stack.sandbox.create_payment("vai247", ref, "50.00", "USD", status="completed")
-    job = enqueue_refund(
-        provider="vai247",
-        payment_ref=ref,
-        amount="5.00",
-        currency="USD",
-        idempotency_key=unique("k"),
-    )
-    return job.id
 
 
 def _claim(job_id: str) -> tuple[jobs.Claim, int | None]:
@@ -37,7 +23,7 @@ def _claim(job_id: str) -> tuple[jobs.Claim, int | None]:
 
 def test_a_provider_not_built_yet_gets_its_attempt_recorded_apart(stack_factory):
     stack: Stack = stack_factory()
-    job_id = _queued_job(stack)
+    job_id = stack.refund_new_order()
     gateways.reset()
 
     _, attempt_id = _claim(job_id)
@@ -48,7 +34,7 @@ def test_a_provider_not_built_yet_gets_its_attempt_recorded_apart(stack_factory)
 
 def test_once_warm_the_claim_records_the_send_attempt(stack_factory):
     stack: Stack = stack_factory()
-    job_id = _queued_job(stack)
+    job_id = stack.refund_new_order()
     gateways.reset()
     gateways.warm()
 
@@ -63,7 +49,7 @@ def test_once_warm_the_claim_records_the_send_attempt(stack_factory):
 
 def test_a_rate_limited_gateway_gets_its_attempt_recorded_after_the_slot(stack_factory):
     stack: Stack = stack_factory(REFUNDQ_RATE_LIMITS='{"vai247": 1000}')
-    job_id = _queued_job(stack)
+    job_id = stack.refund_new_order()
     gateways.warm()
 
     _, attempt_id = _claim(job_id)

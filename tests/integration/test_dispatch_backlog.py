@@ -8,29 +8,16 @@ from __future__ import annotations
 from datetime import timedelta
 
 from tests.support.polling import wait_for
-from tests.support.stack import Stack, unique
+from tests.support.stack import Stack
 from worker import engine
 from worker.app import QUEUE, app, oldest_waiting_published_at
-from worker.client import enqueue_refund
 from worker.clock import utcnow
 
 REDISPATCH_AFTER = 0.3
 
 
 def _queued(stack: Stack, count: int) -> list[str]:
-    ids = []
-    for _ in range(count):
-        ref = unique("ord")
-        stack.sandbox.create_payment("vai247", ref, "50.00", "USD", status="completed")
-        job = enqueue_refund(
-            provider="vai247",
-            payment_ref=ref,
-            amount="5.00",
-            currency="USD",
-            idempotency_key=unique("k"),
-        )
-        ids.append(job.id)
-    return ids
+    return [stack.refund_new_order() for _ in range(count)]
 
 
 def _overdue() -> None:

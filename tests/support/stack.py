@@ -321,6 +321,21 @@ class Stack:
         return "\n".join(f"==== {p.name}\n{p.log()[-4000:]}" for p in self.processes)
 
     # --- jobs --------------------------------------------------------------------------------
+    def refund_new_order(self, amount: str = "5.00", original: str = "50.00") -> str:
+        """Enqueue a USD vai247 refund of `amount` for a new completed sandbox payment; its id."""
+        from worker.client import enqueue_refund
+
+        ref = unique("ord")
+        self.sandbox.create_payment("vai247", ref, original, "USD", status="completed")
+        job = enqueue_refund(
+            provider="vai247",
+            payment_ref=ref,
+            amount=amount,
+            currency="USD",
+            idempotency_key=unique("k"),
+        )
+        return job.id
+
     def wait_status(self, job_id: str, statuses: Iterable[str], timeout: float = 45.0) -> Any:
         from worker.client import get_job
 
