@@ -12,6 +12,7 @@ import argparse
 import json
 import resource
 import time
+from collections.abc import Callable
 
 ORIGINAL_AMOUNT = "1000000.00"
 REFUND_AMOUNT = "1.00"
@@ -43,12 +44,7 @@ class _Pacer:
 def produce_refundq(n: int, prefix: str, run: str, rate: float | None, offset: int) -> None:
     from worker.client import enqueue_refund
 
-    cpu_at_start = _cpu()
-    started = time.perf_counter()
-    first_wall = time.time()
-    pacer = _Pacer(rate)
-    for i in range(n):
-        pacer.wait(i)
+    def send(i: int) -> None:
         enqueue_refund(
             provider="vai247",
             payment_ref=f"{prefix}{offset + i}",
@@ -58,20 +54,29 @@ def produce_refundq(n: int, prefix: str, run: str, rate: float | None, offset: i
             idempotency_key=f"{run}-{offset + i}",
             reason="event cancelled",
         )
-    _report(n, started, first_wall, cpu_at_start)
+
+    _produce(n, rate, send)
 
 
 def produce_baseline(n: int, prefix: str, rate: float | None, offset: int) -> None:
     from bench.baseline import TASK, app
     from worker.app import QUEUE
 
+    def send(i: int) -> None:
+        app.send_task(TASK, args=[f"{prefix}{offset + i}", time.time()], queue=QUEUE)
+
+    _produce(n, rate, send)
+
+
+def _produce(n: int, rate: float | None, send: Callable[[int], None]) -> None:
+    """`send(i)` for i in 0..n-1, paced, then the loop's figures on stdout."""
     cpu_at_start = _cpu()
     started = time.perf_counter()
     first_wall = time.time()
     pacer = _Pacer(rate)
     for i in range(n):
         pacer.wait(i)
-        app.send_task(TASK, args=[f"{prefix}{offset + i}", time.time()], queue=QUEUE)
+        send(i)
     _report(n, started, first_wall, cpu_at_start)
 
 
