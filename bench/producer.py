@@ -102,6 +102,12 @@ def _report(n: int, started: float, first_wall: float, cpu_at_start: float) -> N
     )
 
 
+def module_args(target: str, n: int, prefix: str, run: str, rate: float | None = None) -> list[str]:
+    """What follows `python -m` to run this producer (the one place its command line is built)."""
+    args = ["bench.producer", target, "--n", str(n), "--prefix", prefix, "--run", run]
+    return [*args, "--rate", str(rate)] if rate else args
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.producer")
     parser.add_argument("target", choices=["refundq", "baseline"])

@@ -38,6 +38,7 @@ from bench.common import (
     tree_cpu_seconds,
     write_json,
 )
+from bench.producer import module_args
 from bench.services import Services, interrupted_cleanly, wait_for, wait_ready, worker_argv
 from bench.stack import PAYMENT_PREFIX, Stack
 
@@ -112,14 +113,7 @@ def _profile_backend(stack: Stack, backend: str, n: int, keep: Path | None) -> d
                 "-o",
                 str(producer_prof),
                 "-m",
-                "bench.producer",
-                "refundq",
-                "--n",
-                str(n),
-                "--prefix",
-                PAYMENT_PREFIX,
-                "--run",
-                f"p{redis_db}",
+                *module_args("refundq", n, PAYMENT_PREFIX, f"p{redis_db}"),
             ],
             cwd=REPO,
             env={**env, "REFUNDQ_LOG_LEVEL": "WARNING"},

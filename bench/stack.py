@@ -38,7 +38,7 @@ from bench.common import (
     say,
     tree_cpu_seconds,
 )
-from bench.producer import CURRENCY, ORIGINAL_AMOUNT
+from bench.producer import CURRENCY, ORIGINAL_AMOUNT, module_args
 from bench.services import (
     Redis,
     Sandbox,
@@ -173,20 +173,7 @@ class Run:
     def produce(
         self, n: int, prefix: str, run_key: str, rate: float | None
     ) -> subprocess.Popen[str]:
-        argv = [
-            python(),
-            "-m",
-            "bench.producer",
-            self.config.target,
-            "--n",
-            str(n),
-            "--prefix",
-            prefix,
-            "--run",
-            run_key,
-        ]
-        if rate:
-            argv += ["--rate", str(rate)]
+        argv = [python(), "-m", *module_args(self.config.target, n, prefix, run_key, rate)]
         env = {**self.env, "REFUNDQ_LOG_LEVEL": "WARNING"}
         cwd = self.config.code or REPO
         return subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, text=True)

@@ -29,6 +29,7 @@ from bench.common import (
     say,
     write_json,
 )
+from bench.producer import module_args
 from bench.services import Services, interrupted_cleanly, postgres_version
 from bench.stack import PAYMENT_PREFIX, RunConfig, Stack, run_once
 
@@ -74,18 +75,7 @@ def enqueue_alone(stack: Stack, config: RunConfig) -> dict[str, Any]:
     env = {**stack.env(database_url, redis_db, config.code), "REFUNDQ_LOG_LEVEL": "WARNING"}
     try:
         output = subprocess.run(
-            [
-                python(),
-                "-m",
-                "bench.producer",
-                "refundq",
-                "--n",
-                str(n),
-                "--prefix",
-                PAYMENT_PREFIX,
-                "--run",
-                f"e{redis_db}",
-            ],
+            [python(), "-m", *module_args("refundq", n, PAYMENT_PREFIX, f"e{redis_db}")],
             cwd=config.code or REPO,
             env=env,
             capture_output=True,
