@@ -57,7 +57,7 @@ ENQUEUE_PHASES: list[tuple[str, str, str]] = [
     ("worker/client.py", "submit", "enqueue_refund total"),
     ("worker/client.py", "build_new_job", "validation"),
     ("worker/jobs.py", "insert_job", "insert job + event (txn)"),
-    ("worker/jobs.py", "_job_by_key", "  of which idempotency lookup"),
+    ("worker/jobs.py", "_key_and_live_refunds", "  of which key + live refunds (one read)"),
     ("worker/jobs.py", "_check_refund_fits", "  of which over-refund check"),
     ("worker/client.py", "publish_new", "publish to Redis (task + sent event)"),
     ("celery/events/dispatcher.py", "publish", "  of which task-sent event"),
@@ -224,6 +224,8 @@ def _categorise(raw: str, baseline: bool = False) -> dict[str, int]:
         if not line.strip():
             continue
         stack, _, count_text = line.rpartition(" ")
+        if not count_text.isdigit():
+            continue  # a message py-spy wrote among the stacks, not a sample
         frames = stack.split(";")
         count = int(count_text)
         task_at = next((i for i, f in enumerate(frames) if _is(f, *task)), None)
