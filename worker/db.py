@@ -30,6 +30,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import event
@@ -40,8 +41,19 @@ from sqlmodel import Session, create_engine
 from worker.settings import get_settings
 
 _lock = threading.Lock()
-# url -> (pid, engine, the engine to bind write transactions to)
-_engines: dict[str, tuple[int, Engine, Engine]] = {}
+
+
+@dataclass(frozen=True)
+class _ProcessEngines:
+    """One process's engine for a URL, and the same engine (and pool) set up two other ways."""
+
+    pid: int
+    engine: Engine
+    writer: Engine  # write transactions (SQLite: `BEGIN IMMEDIATE`)
+    autocommit: Engine  # single statements, each its own transaction
+
+
+_engines: dict[str, _ProcessEngines] = {}
 
 SQLITE_BUSY_TIMEOUT_SECONDS = 30
 # Between tries for SQLite's write lock: from 0.1 ms, growing to at most 2 ms, with jitter.
@@ -160,49 +172,55 @@ def _busy(exc: sqlite3.OperationalError) -> bool:
     return getattr(exc, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_BUSY
 
 
-def _engines_for(url: str | None) -> tuple[Engine, Engine]:
-    """This process's engine for `url` and the same engine set up for write transactions."""
+def _engines_for(url: str | None) -> _ProcessEngines:
+    """This process's engines for `url`."""
     url = url or get_settings().database_url
     pid = os.getpid()
     with _lock:
         known = _engines.get(url)
-        if known is not None and known[0] == pid:
-            return known[1], known[2]
+        if known is not None and known.pid == pid:
+            return known
         if known is not None:
             # Inherited from the parent: drop the pool without touching the parent's sockets.
-            known[1].dispose(close=False)
+            known.engine.dispose(close=False)
         engine = _create(url)
         # Built once: `execution_options` makes a new engine object on every call.
-        writer = engine.execution_options(refundq_write=True) if is_sqlite(engine) else engine
-        _engines[url] = (pid, engine, writer)
-        return engine, writer
+        engines = _ProcessEngines(
+            pid=pid,
+            engine=engine,
+            writer=engine.execution_options(refundq_write=True) if is_sqlite(engine) else engine,
+            autocommit=engine.execution_options(isolation_level="AUTOCOMMIT"),
+        )
+        _engines[url] = engines
+        return engines
 
 
 def get_engine(url: str | None = None) -> Engine:
     """This process's engine for `url` (default: the configured database)."""
-    return _engines_for(url)[0]
+    return _engines_for(url).engine
 
 
 def reset_after_fork() -> None:
     """Forget engines inherited from a parent process (Celery `worker_process_init`)."""
     with _lock:
-        for _pid, engine, _writer in _engines.values():
-            engine.dispose(close=False)
+        for engines in _engines.values():
+            engines.engine.dispose(close=False)
         _engines.clear()
 
 
 def dispose_all() -> None:
     """Close every engine of this process (tests, CLI exit)."""
     with _lock:
-        for _pid, engine, _writer in _engines.values():
-            engine.dispose()
+        for engines in _engines.values():
+            engines.engine.dispose()
         _engines.clear()
 
 
 @contextmanager
 def write_session() -> Iterator[Session]:
     """One short write transaction: committed on exit, rolled back on error."""
-    with Session(bind=_engines_for(None)[1], expire_on_commit=False) as session, session.begin():
+    writer = _engines_for(None).writer
+    with Session(bind=writer, expire_on_commit=False) as session, session.begin():
         yield session
 
 
@@ -210,7 +228,23 @@ def write_session() -> Iterator[Session]:
 def write_transaction() -> Iterator[Connection]:
     """One short write transaction on a Core connection (no ORM unit of work): committed on
     exit, rolled back on error. The job state machine's hot path uses it."""
-    with _engines_for(None)[1].begin() as connection:
+    with _engines_for(None).writer.begin() as connection:
+        yield connection
+
+
+def one_statement_writes() -> bool:
+    """Whether the configured database takes a write of several rows as one statement
+    (PostgreSQL's data-modifying `WITH`); SQLite does not."""
+    return _engines_for(None).engine.dialect.name == "postgresql"
+
+
+@contextmanager
+def single_statements() -> Iterator[Connection]:
+    """A connection on which every statement is its own transaction (autocommit), for writes
+    made of one statement each. On PostgreSQL a transaction's `BEGIN` and `COMMIT` are a round
+    trip each: a write that is one statement costs one round trip here instead of three
+    (issue 7). A single statement is atomic, whatever it writes."""
+    with _engines_for(None).autocommit.connect() as connection:
         yield connection
 
 

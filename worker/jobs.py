@@ -17,6 +17,7 @@ This module reads provider *capabilities*, never provider names (STYLE.md 2).
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import hashlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -28,6 +29,7 @@ from typing import Any, cast
 
 from sqlalchemy import (
     ColumnElement,
+    Insert,
     Select,
     Table,
     Update,
@@ -35,6 +37,7 @@ from sqlalchemy import (
     bindparam,
     func,
     insert,
+    literal,
     or_,
     select,
     update,
@@ -55,7 +58,7 @@ from providers.base import (
 )
 from worker import policy
 from worker.clock import utcnow
-from worker.db import write_session, write_transaction
+from worker.db import one_statement_writes, single_statements, write_session, write_transaction
 from worker.errors import IdempotencyConflict, InvalidRequest, OverRefund
 from worker.models import LIVE_STATUSES, Attempt, Event, Job, JobStatus
 from worker.money import format_amount, from_minor
@@ -119,14 +122,7 @@ def transition(
     not in such a state: somebody else moved it first, and nothing was written."""
     check_transition(from_statuses, to)
     now = utcnow()
-    new_values: dict[str, Any] = {"status": to.value, "updated_at": now, **(values or {})}
-    if to in (S.SUCCEEDED, S.DECLINED, S.FAILED, S.UNKNOWN):
-        new_values.setdefault("finished_at", now)
-    if to is not S.SUBMITTING:
-        new_values.setdefault("lease_owner", None)
-        new_values.setdefault("lease_expires_at", None)
-    if to is not S.AWAITING_GATEWAY:
-        new_values.setdefault("next_poll_at", None)
+    new_values = _moved_values(to, values, now)
     sources = tuple(s.value for s in from_statuses)
     params: dict[str, Any] = {"b_job_id": job_id}
     if lease_owner is not None:
@@ -162,6 +158,20 @@ def transition(
         detail=detail,
     )
     return True
+
+
+def _moved_values(to: JobStatus, values: Mapping[str, Any] | None, now: datetime) -> dict[str, Any]:
+    """The columns a move to `to` sets: the caller's `values`, and what every such move implies
+    (finished_at for a final state, no lease outside `submitting`, no poll outside awaiting)."""
+    new_values: dict[str, Any] = {"status": to.value, "updated_at": now, **(values or {})}
+    if to in (S.SUCCEEDED, S.DECLINED, S.FAILED, S.UNKNOWN):
+        new_values.setdefault("finished_at", now)
+    if to is not S.SUBMITTING:
+        new_values.setdefault("lease_owner", None)
+        new_values.setdefault("lease_expires_at", None)
+    if to is not S.AWAITING_GATEWAY:
+        new_values.setdefault("next_poll_at", None)
+    return new_values
 
 
 # Compare-and-set statements by shape (source statuses, lease check, columns set), built once
@@ -546,24 +556,22 @@ _CLAIM_RETURNING = (
     JOBS.c.created_at,
     JOBS.c.notify_url,
 )
+_DUE = or_(
+    JOBS.c.next_attempt_at.is_(None),
+    JOBS.c.next_attempt_at <= bindparam("b_due_by", type_=JOBS.c.next_attempt_at.type),
+)
+_CLAIM_SETS: dict[str, Any] = {
+    "status": S.SUBMITTING.value,
+    "updated_at": bindparam("b_now", type_=JOBS.c.updated_at.type),
+    "next_poll_at": None,
+    "lease_owner": bindparam("b_owner", type_=JOBS.c.lease_owner.type),
+    "lease_expires_at": bindparam("b_lease_until", type_=JOBS.c.lease_expires_at.type),
+    "attempt_count": JOBS.c.attempt_count + 1,
+}
 _CLAIM = (
     update(JOBS)
-    .where(
-        JOBS.c.id == bindparam("b_job_id"),
-        JOBS.c.status == bindparam("b_from"),
-        or_(
-            JOBS.c.next_attempt_at.is_(None),
-            JOBS.c.next_attempt_at <= bindparam("b_due_by", type_=JOBS.c.next_attempt_at.type),
-        ),
-    )
-    .values(
-        status=S.SUBMITTING.value,
-        updated_at=bindparam("b_now", type_=JOBS.c.updated_at.type),
-        next_poll_at=None,
-        lease_owner=bindparam("b_owner", type_=JOBS.c.lease_owner.type),
-        lease_expires_at=bindparam("b_lease_until", type_=JOBS.c.lease_expires_at.type),
-        attempt_count=JOBS.c.attempt_count + 1,
-    )
+    .where(JOBS.c.id == bindparam("b_job_id"), JOBS.c.status == bindparam("b_from"), _DUE)
+    .values(**_CLAIM_SETS)
     .returning(*_CLAIM_RETURNING)
 )
 check_transition(CLAIMABLE, S.SUBMITTING)
@@ -592,6 +600,8 @@ def claim_job(
     attempt, which rule 5 must treat as possibly sent, where a separate claim would have left
     a clean one. Otherwise (None, or no `first_call`) the attempt id is None and the worker
     records its attempt itself (`record_attempt`)."""
+    if one_statement_writes():
+        return _claim_in_one_statement(job_id, lease_owner, lease_seconds, first_call)
     now = utcnow()
     params = {
         "b_job_id": job_id,
@@ -620,6 +630,115 @@ def claim_job(
         call = first_call(claim) if first_call is not None else None
         attempt_id = None if call is None else _insert_attempt(connection, claim, *call)
     return claim, attempt_id
+
+
+# PostgreSQL: the claim as one read and one statement, two round trips where the transaction
+# above takes five (BEGIN, UPDATE, two INSERTs, COMMIT; issue 7, BENCHMARKS.md). The read
+# takes the job as it stands; the statement's compare-and-set holds only if nothing has
+# changed it since (its status, attempt count and `updated_at`, which every write of a job's
+# state sets), and inserts the event and the attempt from the row it moved: all three commit
+# together, or nothing is written and the claim is someone else's.
+_CLAIM_SNAPSHOT = select(
+    *_CLAIM_RETURNING, JOBS.c.status, JOBS.c.updated_at, JOBS.c.next_attempt_at
+).where(JOBS.c.id == bindparam("b_job_id"))
+_CLAIMABLE_VALUES = frozenset(s.value for s in CLAIMABLE)
+
+
+def _claim_statement(with_attempt: bool) -> Select[Any] | Insert:
+    """The claim's compare-and-set with its event row, and with the first attempt's row when
+    `with_attempt`; returns one row (the attempt's id, or the job's) if the job was claimed."""
+    claimed = (
+        update(JOBS)
+        .where(
+            JOBS.c.id == bindparam("b_job_id"),
+            JOBS.c.status == bindparam("b_from"),
+            JOBS.c.attempt_count == bindparam("b_seen_attempts"),
+            JOBS.c.updated_at == bindparam("b_seen_at", type_=JOBS.c.updated_at.type),
+            _DUE,
+        )
+        .values(**_CLAIM_SETS)
+        .returning(JOBS.c.id)
+        .cte("claimed")
+    )
+    event = (
+        insert(EVENTS)
+        .from_select(
+            ["job_id", "at", "from_status", "to_status", "kind", "actor"],
+            select(
+                claimed.c.id,
+                bindparam("b_now", type_=EVENTS.c.at.type),
+                bindparam("b_from"),
+                literal(S.SUBMITTING.value),
+                literal("transition"),
+                bindparam("b_owner"),
+            ),
+        )
+        .cte("claim_event")
+    )
+    if not with_attempt:
+        return select(claimed.c.id).add_cte(event)
+    return (
+        insert(ATTEMPTS)
+        .from_select(
+            [
+                "job_id",
+                "number",
+                "purpose",
+                "state",
+                "lease_owner",
+                "started_at",
+                "request_summary",
+            ],
+            select(
+                claimed.c.id,
+                bindparam("b_number", type_=ATTEMPTS.c.number.type),
+                bindparam("b_purpose", type_=ATTEMPTS.c.purpose.type),
+                literal("sending"),
+                bindparam("b_owner"),
+                bindparam("b_now"),
+                bindparam("b_summary", type_=ATTEMPTS.c.request_summary.type),
+            ),
+        )
+        .returning(ATTEMPTS.c.id)
+        .add_cte(event)
+    )
+
+
+_CLAIM_WITH_ATTEMPT = _claim_statement(with_attempt=True)
+_CLAIM_WITHOUT_ATTEMPT = _claim_statement(with_attempt=False)
+
+
+def _claim_in_one_statement(
+    job_id: str, lease_owner: str, lease_seconds: float, first_call: FirstCall | None
+) -> tuple[Claim, int | None] | None:
+    now = utcnow()
+    with single_statements() as connection:
+        seen = connection.execute(_CLAIM_SNAPSHOT, {"b_job_id": job_id}).first()
+        if seen is None or seen.status not in _CLAIMABLE_VALUES:
+            return None
+        if seen.next_attempt_at is not None and seen.next_attempt_at > now + CLAIM_EARLY_TOLERANCE:
+            return None
+        claim = dataclasses.replace(
+            claim_of(seen, lease_owner), attempt_count=seen.attempt_count + 1
+        )
+        call = first_call(claim) if first_call is not None else None
+        params: dict[str, Any] = {
+            "b_job_id": job_id,
+            "b_from": seen.status,
+            "b_seen_attempts": seen.attempt_count,
+            "b_seen_at": seen.updated_at,
+            "b_due_by": now + CLAIM_EARLY_TOLERANCE,
+            "b_now": now,
+            "b_owner": lease_owner,
+            "b_lease_until": now + timedelta(seconds=lease_seconds),
+        }
+        if call is None:
+            row = connection.execute(_CLAIM_WITHOUT_ATTEMPT, params).first()
+            return None if row is None else (claim, None)
+        purpose, summary = call
+        params.update(b_number=claim.attempt_count, b_purpose=purpose, b_summary=dict(summary))
+        row = connection.execute(_CLAIM_WITH_ATTEMPT, params).first()
+        return None if row is None else (claim, int(row[0]))
 
 
 _INSERT_ATTEMPT = insert(ATTEMPTS)
@@ -848,30 +967,32 @@ def apply(
 ) -> Turn:
     """Commit the attempt's outcome and the job's new state together."""
     now = utcnow()
-    with write_transaction() as connection:
-        connection.execute(
-            _FINISH_ATTEMPT,
-            {
-                "b_attempt_id": attempt_id,
-                "b_finished_at": now,
-                "b_duration_ms": duration_ms,
-                "b_http_status": http_status,
-                "b_outcome_class": attempt_outcome,
-                "b_code": code,
-                "b_message": message,
-                "b_retry_delay_seconds": decision.retry_delay,
-            },
-        )
-        moved = transition(
-            connection,
-            claim.job_id,
-            from_statuses=[S.SUBMITTING],
-            to=decision.to,
-            actor=claim.lease_owner,
-            lease_owner=claim.lease_owner,
-            values=decision.values,
-            note=decision.note,
-        )
+    finish = {
+        "b_attempt_id": attempt_id,
+        "b_finished_at": now,
+        "b_duration_ms": duration_ms,
+        "b_http_status": http_status,
+        "b_outcome_class": attempt_outcome,
+        "b_code": code,
+        "b_message": message,
+        "b_retry_delay_seconds": decision.retry_delay,
+    }
+    plain = not any(isinstance(v, ColumnElement) for v in decision.values.values())
+    if plain and one_statement_writes():
+        moved = _apply_in_one_statement(claim, decision, finish, now)
+    else:
+        with write_transaction() as connection:
+            connection.execute(_FINISH_ATTEMPT, finish)
+            moved = transition(
+                connection,
+                claim.job_id,
+                from_statuses=[S.SUBMITTING],
+                to=decision.to,
+                actor=claim.lease_owner,
+                lease_owner=claim.lease_owner,
+                values=decision.values,
+                note=decision.note,
+            )
     if not moved:
         # Cannot happen while the task's time limit is below the lease; if it does, the reaper
         # already applied rule 5 and the attempt row keeps what the gateway said.
@@ -879,6 +1000,59 @@ def apply(
     if decision.to is S.RETRY_WAIT:
         return Turn(decision.to, Next.RETRY, decision.retry_delay)
     return Turn(decision.to, Next.DONE, notify=decision.to in NOTIFY_STATUSES)
+
+
+# PostgreSQL: the outcome as one statement, one round trip where the transaction above takes
+# five (issue 7): the attempt's row is finished whatever happens to the job (as above, where
+# it commits even if the compare-and-set finds the job moved), and the event row is inserted
+# from the job row the compare-and-set moved, so there is one exactly when the job moved.
+# Built once per shape: the columns the decision sets.
+_APPLY_STATEMENTS: dict[tuple[str, ...], Insert] = {}
+
+
+def _apply_statement(columns: tuple[str, ...]) -> Insert:
+    statement = _APPLY_STATEMENTS.get(columns)
+    if statement is None:
+        moved = (
+            _cas_statement((S.SUBMITTING.value,), True, columns).returning(JOBS.c.id).cte("moved")
+        )
+        statement = (
+            insert(EVENTS)
+            .from_select(
+                ["job_id", "at", "from_status", "to_status", "kind", "actor", "note"],
+                select(
+                    moved.c.id,
+                    bindparam("v_updated_at", type_=EVENTS.c.at.type),
+                    literal(S.SUBMITTING.value),
+                    bindparam("v_status"),
+                    literal("transition"),
+                    bindparam("b_lease_owner"),
+                    bindparam("b_note", type_=EVENTS.c.note.type),
+                ),
+            )
+            .returning(EVENTS.c.id)
+            .add_cte(_FINISH_ATTEMPT.cte("finished"))
+        )
+        _APPLY_STATEMENTS[columns] = statement
+    return statement
+
+
+def _apply_in_one_statement(
+    claim: Claim, decision: Decision, finish: Mapping[str, Any], now: datetime
+) -> bool:
+    check_transition([S.SUBMITTING], decision.to)
+    values = _moved_values(decision.to, decision.values, now)
+    params: dict[str, Any] = {
+        **finish,
+        "b_job_id": claim.job_id,
+        "b_lease_owner": claim.lease_owner,
+        "b_note": decision.note,
+        **{f"v_{name}": value for name, value in values.items()},
+    }
+    with single_statements() as connection:
+        return (
+            connection.execute(_apply_statement(tuple(sorted(values))), params).first() is not None
+        )
 
 
 def release_claim(claim: Claim, delay_seconds: float, *, note: str) -> Turn:
@@ -1197,7 +1371,7 @@ def poll_target(job_id: str, actor: str) -> PollTarget | None:
         return PollTarget(claim=claim_of(job, actor), poll_count=job.poll_count)
 
 
-def claim_of(job: Job | Row[Any], actor: str, *, previous_status: str | None = None) -> Claim:
+def claim_of(job: Job | AnyRow, actor: str, *, previous_status: str | None = None) -> Claim:
     """A detached snapshot of `job` (a loaded job, or the row a claim's UPDATE returned) as a
     gateway call needs it; `previous_status`: the status it had, when `job` is newer."""
     return Claim(

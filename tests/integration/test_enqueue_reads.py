@@ -5,16 +5,13 @@ no worker runs, so every job stays as it was enqueued unless a test moves it."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any
-
 import pytest
-from sqlalchemy import event, update
+from sqlalchemy import update
 
 from tests.support.stack import Stack, unique
+from tests.support.statements import statements_sent
 from worker.client import enqueue_cancel, enqueue_refund
-from worker.db import get_engine, write_transaction
+from worker.db import write_transaction
 from worker.errors import IdempotencyConflict, OverRefund
 from worker.models import Job
 
@@ -24,22 +21,6 @@ def idle(stack_factory) -> Stack:
     stack: Stack = stack_factory()
     stack.broker().delete("refundq")
     return stack
-
-
-@contextmanager
-def statements() -> Iterator[list[str]]:
-    """The SQL this process sends to the database while the block runs."""
-    seen: list[str] = []
-
-    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        seen.append(" ".join(statement.split()).lower())
-
-    engine = get_engine()
-    event.listen(engine, "before_cursor_execute", record)
-    try:
-        yield seen
-    finally:
-        event.remove(engine, "before_cursor_execute", record)
 
 
 def refund(ref: str, amount: str, key: str | None = None, **extra: str):
@@ -62,12 +43,13 @@ def test_a_refund_reads_the_jobs_table_once_before_it_inserts(idle):
     ref = unique("ord")
     refund(ref, "10.00", original_amount="100.00")  # the payment has a live refund now
 
-    with statements() as seen:
+    with statements_sent() as sent:
         refund(ref, "20.00")
 
-    reads = [s for s in seen if s.startswith("select") and " from jobs" in s]
+    seen = [s.sql for s in sent]
+    reads = [sql for sql in seen if sql.startswith("select") and " from jobs" in sql]
     assert len(reads) == 1, seen
-    assert [s.split()[2] for s in seen if s.startswith("insert")] == ["jobs", "events"]
+    assert [sql.split()[2] for sql in seen if sql.startswith("insert")] == ["jobs", "events"]
 
 
 def test_live_refunds_count_and_ended_ones_do_not(idle):
