@@ -340,15 +340,7 @@ def insert_job(new: NewJob, job_id: str, *, actor: str = "producer") -> tuple[Jo
             if existing is None:
                 if new.kind is Kind.REFUND:
                     _check_refund_fits(new, live_refunds)
-                connection.execute(_INSERT_JOB, values)
-                _insert_event(
-                    connection,
-                    job_id,
-                    at=now,
-                    to_status=S.QUEUED.value,
-                    kind="transition",
-                    actor=actor,
-                )
+                _insert_new_job(connection, values, actor)
     except IntegrityError:
         # A concurrent producer committed the same key between our look and our insert.
         replayed = _job_by_key(new.idempotency_key)
@@ -364,6 +356,52 @@ def insert_job(new: NewJob, job_id: str, *, actor: str = "producer") -> tuple[Jo
     # The view of the row just written, from its values: `JobView.of` only reads attributes,
     # and an ORM `Job` would be built only to be read once (issue 7).
     return JobView.of(cast(Job, SimpleNamespace(**{**_JOB_DEFAULTS, **values}))), True
+
+
+def _insert_new_job(connection: Connection, values: Mapping[str, Any], actor: str) -> None:
+    """The job's row and its first event (`queued`): on PostgreSQL in one statement, one round
+    trip fewer per enqueue (issue 7)."""
+    if connection.dialect.name == "postgresql":
+        params = {f"n_{name}": value for name, value in values.items()}
+        connection.execute(
+            _insert_job_with_event(tuple(sorted(values))), params | {"b_actor": actor}
+        )
+        return
+    connection.execute(_INSERT_JOB, values)
+    _insert_event(
+        connection,
+        values["id"],
+        at=values["created_at"],
+        to_status=S.QUEUED.value,
+        kind="transition",
+        actor=actor,
+    )
+
+
+_INSERT_JOB_STATEMENTS: dict[tuple[str, ...], Insert] = {}
+
+
+def _insert_job_with_event(columns: tuple[str, ...]) -> Insert:
+    statement = _INSERT_JOB_STATEMENTS.get(columns)
+    if statement is None:
+        new_job = (
+            insert(JOBS)
+            .values({name: bindparam(f"n_{name}", type_=JOBS.c[name].type) for name in columns})
+            .returning(JOBS.c.id, JOBS.c.created_at)
+            .cte("new_job")
+        )
+        statement = insert(EVENTS).from_select(
+            ["job_id", "at", "to_status", "kind", "actor"],
+            select(
+                new_job.c.id,
+                new_job.c.created_at,
+                literal(S.QUEUED.value),
+                literal("transition"),
+                bindparam("b_actor"),
+            ),
+        )
+        _INSERT_JOB_STATEMENTS[columns] = statement
+    return statement
 
 
 # Every column's default, for the view of a new job (the factory-made `extras` is always set).
