@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx
 from celery import Celery
-from celery.signals import setup_logging, worker_process_init
+from celery.signals import celeryd_after_setup, setup_logging, worker_process_init
 
 import worker.app as refundq_app
 from worker.gateways import new_http_client
@@ -32,9 +32,10 @@ RESULTS_KEY = "bench:baseline:results"
 REFUND_PATH = "/api/v1/payment-gateway/order/refund"
 
 # Importing worker.app connected refundq's own signal receivers (JSON logging, database and
-# gateway resets after fork); a bare Celery app has none of them.
+# gateway resets after fork, the warm-up rehearsal); a bare Celery app has none of them.
 setup_logging.disconnect(refundq_app._logging)
 worker_process_init.disconnect(refundq_app._after_fork)
+celeryd_after_setup.disconnect(refundq_app._rehearse)
 
 _config = refundq_app.celery_config(get_settings())
 _config.pop("beat_schedule")

@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from celery import Celery
-from celery.signals import setup_logging, worker_process_init
+from celery.signals import celeryd_after_setup, setup_logging, worker_process_init
 
 from worker.schedule import beat_schedule
 from worker.settings import Settings, get_settings
@@ -148,6 +148,15 @@ def oldest_waiting_published_at(settings: Settings | None = None) -> datetime | 
             continue
         return datetime.fromtimestamp(published, UTC)
     return None
+
+
+@celeryd_after_setup.connect
+def _rehearse(**_: Any) -> None:
+    """In the worker's parent, once its logging is set up and before its pool forks: compile a
+    job's statements once, for every pool process to inherit (worker/warmup.py)."""
+    from worker import warmup
+
+    warmup.rehearse()
 
 
 @worker_process_init.connect

@@ -1,9 +1,10 @@
 """Engines and sessions, safe across fork, with SQLite tuned for several processes.
 
-* Engines are created lazily per process and recreated after a fork: a SQLite or PostgreSQL
-  connection must never cross `fork()` (sqlite.org/howtocorrupt.html 2.6; SQLAlchemy "pooling
-  with multiprocessing"). Celery's prefork children call `reset_after_fork()` in
-  `worker_process_init` as well, belt and braces.
+* Engines are created lazily per process; after a fork the child keeps the engine object (and
+  its compiled statements, which `worker.warmup` fills in the parent) but gets a new, empty
+  pool: a SQLite or PostgreSQL connection must never cross `fork()` (sqlite.org/howtocorrupt.html
+  2.6; SQLAlchemy "pooling with multiprocessing": `dispose(close=False)` in the child). Celery's
+  prefork children call `reset_after_fork()` in `worker_process_init` as well, belt and braces.
 * SQLite: WAL (readers never block the writer), `synchronous=NORMAL` (durable across a process
   crash; the last commits may be lost on power loss, acceptable for a single-host dev default),
   a 30 s busy timeout, and `BEGIN IMMEDIATE` for write transactions so a read that turns into a
@@ -14,15 +15,18 @@
 * Transactions are short and never held across an HTTP call (`worker.jobs` commits before it
   calls a gateway).
 * PostgreSQL: a pooled connection is pinged before use only if it sat idle for a while
-  (`_ping_if_idle`), not on every checkout as `pool_pre_ping` would: a job's three transactions
-  follow each other within milliseconds, and a ping each was one round trip in five (issue 7:
-  +6% throughput without it). A connection idle past `PING_AFTER_IDLE_SECONDS` (a gateway call
-  can take that long, a server restart takes longer) is pinged and replaced if dead, so the
-  transaction that records a gateway's answer does not meet a connection killed during the call.
+  (`_ping_if_idle`), not on every checkout as `pool_pre_ping` would: a job's writes follow each
+  other within milliseconds, and a ping each was one round trip in five (issue 7: +6%
+  throughput without it). A write that is one statement runs in autocommit
+  (`single_statements`): no BEGIN and COMMIT round trips. A connection idle past
+  `PING_AFTER_IDLE_SECONDS` (a gateway call can take that long, a server restart takes longer)
+  is pinged and replaced if dead, so the write that records a gateway's answer does not meet a
+  connection killed during the call.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import sqlite3
@@ -30,6 +34,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -181,8 +186,11 @@ def _engines_for(url: str | None) -> _ProcessEngines:
         if known is not None and known.pid == pid:
             return known
         if known is not None:
-            # Inherited from the parent: drop the pool without touching the parent's sockets.
+            # Inherited from the parent: a new pool, without touching the parent's connections;
+            # the engine, its listeners and its compiled statements stay.
             known.engine.dispose(close=False)
+            _engines[url] = dataclasses.replace(known, pid=pid)
+            return _engines[url]
         engine = _create(url)
         # Built once: `execution_options` makes a new engine object on every call.
         engines = _ProcessEngines(
@@ -201,11 +209,13 @@ def get_engine(url: str | None = None) -> Engine:
 
 
 def reset_after_fork() -> None:
-    """Forget engines inherited from a parent process (Celery `worker_process_init`)."""
+    """Give engines inherited from a parent process new pools (Celery `worker_process_init`)."""
+    pid = os.getpid()
     with _lock:
-        for engines in _engines.values():
-            engines.engine.dispose(close=False)
-        _engines.clear()
+        for url, engines in list(_engines.items()):
+            if engines.pid != pid:
+                engines.engine.dispose(close=False)
+                _engines[url] = dataclasses.replace(engines, pid=pid)
 
 
 def dispose_all() -> None:
@@ -216,11 +226,47 @@ def dispose_all() -> None:
         _engines.clear()
 
 
+# The connection of a rehearsal under way in this thread (see `rehearsal`), if any.
+_rehearsing: ContextVar[Connection | None] = ContextVar("refundq_rehearsing", default=None)
+
+
+@contextmanager
+def rehearsal() -> Iterator[None]:
+    """Run the block's database work for real, then roll all of it back.
+
+    Every session and transaction the block opens through this module is part of the one
+    transaction of the rehearsal, and every statement is compiled and cached by the engine as
+    for real: `worker.warmup` rehearses a job's turn in a worker's parent so that its pool
+    processes inherit the statements compiled. Afterwards the parent's connections are closed
+    (the engine and its compiled statements stay), so none is open when the pool forks."""
+    engines = _engines_for(None)
+    try:
+        with engines.writer.connect() as connection:
+            transaction = connection.begin()
+            token = _rehearsing.set(connection)
+            try:
+                yield
+            finally:
+                _rehearsing.reset(token)
+                transaction.rollback()
+    finally:
+        engines.engine.dispose()
+
+
+def _session(bind: Engine) -> Session:
+    rehearsing = _rehearsing.get()
+    if rehearsing is not None:
+        # Joins the rehearsal's transaction (a savepoint): its "commit" commits nothing.
+        return Session(
+            bind=rehearsing, expire_on_commit=False, join_transaction_mode="create_savepoint"
+        )
+    return Session(bind=bind, expire_on_commit=False)
+
+
 @contextmanager
 def write_session() -> Iterator[Session]:
     """One short write transaction: committed on exit, rolled back on error."""
-    writer = _engines_for(None).writer
-    with Session(bind=writer, expire_on_commit=False) as session, session.begin():
+    with _session(_engines_for(None).writer) as session, session.begin():
         yield session
 
 
@@ -228,6 +274,11 @@ def write_session() -> Iterator[Session]:
 def write_transaction() -> Iterator[Connection]:
     """One short write transaction on a Core connection (no ORM unit of work): committed on
     exit, rolled back on error. The job state machine's hot path uses it."""
+    rehearsing = _rehearsing.get()
+    if rehearsing is not None:
+        with rehearsing.begin_nested():
+            yield rehearsing
+        return
     with _engines_for(None).writer.begin() as connection:
         yield connection
 
@@ -244,6 +295,10 @@ def single_statements() -> Iterator[Connection]:
     made of one statement each. On PostgreSQL a transaction's `BEGIN` and `COMMIT` are a round
     trip each: a write that is one statement costs one round trip here instead of three
     (issue 7). A single statement is atomic, whatever it writes."""
+    rehearsing = _rehearsing.get()
+    if rehearsing is not None:
+        yield rehearsing
+        return
     with _engines_for(None).autocommit.connect() as connection:
         yield connection
 
@@ -251,5 +306,5 @@ def single_statements() -> Iterator[Connection]:
 @contextmanager
 def read_session() -> Iterator[Session]:
     """A read-only unit of work (no writes expected; rolled back on exit)."""
-    with Session(bind=get_engine(), expire_on_commit=False) as session:
+    with _session(get_engine()) as session:
         yield session

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import httpx
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import ColumnElement, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import col
 
@@ -412,13 +412,8 @@ def _client(settings: Settings) -> httpx.Client:
 # ---------------------------------------------------------------------------------------------
 
 
-def dispatch_due(*, publish: Publish, limit: int | None = None) -> int:
-    """Publish the notifications that are due and whose last message should have run by now.
-    Two sweeps at once publish each one once: the `message_due_at` update is a compare-and-set."""
-    settings = get_settings()
-    now = utcnow()
-    stale = now - timedelta(seconds=settings.redispatch_after_seconds)
-    conditions = (
+def _due_conditions(now: datetime, stale: datetime) -> tuple[ColumnElement[bool], ...]:
+    return (
         col(Notification.state) == NotificationState.PENDING.value,
         col(Notification.next_attempt_at) <= now,
         or_(col(Notification.message_due_at).is_(None), col(Notification.message_due_at) <= stale),
@@ -427,15 +422,29 @@ def dispatch_due(*, publish: Publish, limit: int | None = None) -> int:
             col(Notification.lease_expires_at) < now,
         ),
     )
+
+
+def due_notifications(now: datetime, stale: datetime, limit: int) -> list[int]:
+    """Pending notifications due by `now` whose last message was due at `stale` or before."""
     with read_session() as session:
-        due = list(
+        return list(
             session.execute(
                 select(col(Notification.id))
-                .where(*conditions)
+                .where(*_due_conditions(now, stale))
                 .order_by(col(Notification.next_attempt_at))
-                .limit(limit or settings.dispatch_batch_size)
+                .limit(limit)
             ).scalars()
         )
+
+
+def dispatch_due(*, publish: Publish, limit: int | None = None) -> int:
+    """Publish the notifications that are due and whose last message should have run by now.
+    Two sweeps at once publish each one once: the `message_due_at` update is a compare-and-set."""
+    settings = get_settings()
+    now = utcnow()
+    stale = now - timedelta(seconds=settings.redispatch_after_seconds)
+    conditions = _due_conditions(now, stale)
+    due = due_notifications(now, stale, limit or settings.dispatch_batch_size)
     if not due:
         return 0
     with write_session() as session:
