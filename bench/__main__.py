@@ -7,6 +7,7 @@ Commands:
   ratelimit   a shared per-gateway rate limit under load, checked against the sandbox's call log
   pools       prefork vs threads vs gevent at a few concurrencies
   profile     where one job's time goes (cProfile of a solo worker, statement counts)
+  writes      refundq's own database work per job in one process (enqueue, claim, outcome)
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> None:
-    from bench import memory, polling, pools, profile, ratelimit, throughput
+    from bench import memory, polling, pools, profile, ratelimit, throughput, writes
 
     parser = argparse.ArgumentParser(
         prog="python -m bench",
@@ -31,6 +32,7 @@ def main(argv: list[str] | None = None) -> None:
         ("ratelimit", ratelimit),
         ("pools", pools),
         ("profile", profile),
+        ("writes", writes),
     ):
         doc = (module.__doc__ or "").strip()
         sub = commands.add_parser(
