@@ -361,7 +361,7 @@ def insert_job(new: NewJob, job_id: str, *, actor: str = "producer") -> tuple[Jo
 def _insert_new_job(connection: Connection, values: Mapping[str, Any], actor: str) -> None:
     """The job's row and its first event (`queued`): on PostgreSQL in one statement, one round
     trip fewer per enqueue (issue 7)."""
-    if connection.dialect.name == "postgresql":
+    if one_statement_writes():
         params = {f"n_{name}": value for name, value in values.items()}
         connection.execute(
             _insert_job_with_event(tuple(sorted(values))), params | {"b_actor": actor}
