@@ -162,11 +162,10 @@ def _rehearse(**_: Any) -> None:
 @worker_process_init.connect
 def _after_fork(**_: Any) -> None:
     """Never use a database connection or an HTTP pool across fork (CELERY_NOTES.md 7); build
-    this process's own before its first job (`gateways.warm`, `db.connect_ahead`)."""
+    this process's own before its first job (`gateways.warm`)."""
     from worker import db, gateways, notify  # noqa: F401 - notify: imported now, not in a turn
 
     db.reset_after_fork()
-    db.connect_ahead()
     gateways.reset()
     gateways.warm()
 

@@ -40,7 +40,7 @@ from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine, make_url
-from sqlalchemy.exc import DisconnectionError, SQLAlchemyError
+from sqlalchemy.exc import DisconnectionError
 from sqlmodel import Session, create_engine
 
 from worker.settings import get_settings
@@ -216,25 +216,6 @@ def reset_after_fork() -> None:
             if engines.pid != pid:
                 engines.engine.dispose(close=False)
                 _engines[url] = dataclasses.replace(engines, pid=pid)
-
-
-def connect_ahead() -> threading.Thread:
-    """Open this process's first pooled connection in the background, so that its first job
-    (or its first beat tick) does not pay for connecting: 5-10 ms on PostgreSQL, the slowest
-    jobs of a paced run (issue 7). In a thread because a pool process must report ready to its
-    parent within seconds, and a database may be slow to answer; if it fails, the first job
-    connects (and reports the error) as it always did."""
-
-    def connect() -> None:
-        try:
-            with get_engine().connect():
-                pass
-        except SQLAlchemyError:
-            pass  # the first job that needs the database will say why
-
-    thread = threading.Thread(target=connect, name="refundq-connect-ahead", daemon=True)
-    thread.start()
-    return thread
 
 
 def dispose_all() -> None:

@@ -38,17 +38,13 @@ CHILD_TURN = textwrap.dedent(
         sys.exit(0)
     os.close(read)
     db.reset_after_fork()  # what worker_process_init does
-    if sys.argv[3] == "connect-ahead":
-        db.connect_ahead().join(timeout=30)
-    compiled, connected = [], []
-    engine = db.get_engine()
+    compiled = []
     event.listen(
-        engine,
+        db.get_engine(),
         "after_cursor_execute",
         lambda c, cur, sql, p, context, many: context.cache_hit is CACHE_MISS
         and compiled.append(" ".join(sql.split()[:3])),
     )
-    event.listen(engine.pool, "connect", lambda *_: connected.append(1))
     job_id = sys.argv[2]
     claim, attempt = jobs.claim_job(job_id, "child", 60, first_call=lambda c: ("send", {}))
     caps = Capabilities(kinds=frozenset(Kind), status_query=False, resend_safe=False)
@@ -63,23 +59,15 @@ CHILD_TURN = textwrap.dedent(
     jobs.due_polls(now, 10)
     notify.due_notifications(now, now, 10)
     with os.fdopen(write, "w") as out:
-        out.write(json.dumps({"compiled": compiled, "connections_opened": len(connected)}))
+        out.write(json.dumps({"compiled": compiled}))
     os._exit(0)
     """
 )
 
 
-def child_turn(stack: Stack, job_id: str, *, rehearse: bool, connect_ahead: bool = False) -> dict:
-    argv = [
-        sys.executable,
-        "-c",
-        CHILD_TURN,
-        "rehearse" if rehearse else "cold",
-        job_id,
-        "connect-ahead" if connect_ahead else "connect-on-demand",
-    ]
+def child_turn(stack: Stack, job_id: str, *, rehearse: bool) -> dict:
     done = subprocess.run(
-        argv,
+        [sys.executable, "-c", CHILD_TURN, "rehearse" if rehearse else "cold", job_id],
         env=stack.child_env(),
         cwd=REPO,
         capture_output=True,
@@ -106,19 +94,7 @@ def test_a_pool_process_compiles_nothing_for_its_first_turn_after_a_rehearsal(st
     warm = child_turn(stack, warm_job, rehearse=True)
 
     assert len(cold["compiled"]) >= 6, cold  # the control: without it, everything compiles
-    assert warm["rehearsed"] is True
-    assert warm["compiled"] == []
-
-
-def test_a_pool_process_connects_before_its_first_job(stack_factory):
-    stack: Stack = stack_factory()
-    on_demand_job, ahead_job = stack.refund_new_order(), stack.refund_new_order()
-
-    on_demand = child_turn(stack, on_demand_job, rehearse=True)
-    ahead = child_turn(stack, ahead_job, rehearse=True, connect_ahead=True)
-
-    assert on_demand["connections_opened"] == 1  # the control: the first turn connects
-    assert ahead["connections_opened"] == 0
+    assert warm == {"rehearsed": True, "compiled": []}
 
 
 def test_a_worker_rehearses_before_forking_and_the_rehearsal_leaves_nothing(stack_factory):
