@@ -23,9 +23,9 @@ RUN pip install --no-deps . \
     && python -c "import worker.app, worker.api, worker.cli, flower"
 
 # Never root: Celery warns against it, and nothing here needs it. /var/lib/refundq holds what
-# the processes write (beat's schedule file, the sandbox's throwaway bbmsl key pair).
+# the processes write (the sandbox's throwaway bbmsl key pair, the API keys file).
 RUN useradd --system --uid 10001 --user-group --no-create-home --home-dir /var/lib/refundq refundq \
-    && mkdir -p /var/lib/refundq/beat /var/lib/refundq/sandbox-keys /var/lib/refundq/api-keys \
+    && mkdir -p /var/lib/refundq/sandbox-keys /var/lib/refundq/api-keys \
     && chown -R refundq:refundq /var/lib/refundq
 USER refundq
 

@@ -68,6 +68,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_soft_shutdown_timeout": 30.0,
         "worker_hijack_root_logger": False,
         "beat_schedule": beat_schedule(settings),
+        # The schedule comes from code, so beat keeps it in memory: no shelve file to corrupt
+        # (celery/celery#4777), and none for beat's SIGTERM handler to close under a tick that
+        # is still reading it (a beat stopped that way exited 1, "invalid operation on closed
+        # shelf"). The cost, as when the file was deleted at each start: after a restart each
+        # interval counts from the restart.
+        "beat_scheduler": "celery.beat:Scheduler",
     }
 
 

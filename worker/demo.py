@@ -807,8 +807,7 @@ class Demo:
             "beat",
             [
                 python, "-m", "celery", "-A", "worker.app", "beat",
-                "--loglevel", "INFO", "--schedule", str(self.workdir / "beat-schedule"),
-                "--max-interval", "1",
+                "--loglevel", "INFO", "--max-interval", "1",
             ],
             self._child_env(),
         )  # fmt: skip

@@ -84,7 +84,7 @@ def process_env(stack: Stack, **overrides: str) -> dict[str, str]:
 
 def prepare_app_root(directory: Path) -> Path:
     """A directory to run the Procfile in, as a checkout would be: the Procfile's relative paths
-    (flowerconfig.py, the beat schedule, the sandbox's keys) resolve there, not in the repo."""
+    (flowerconfig.py, the sandbox's keys) resolve there, not in the repo."""
     link = directory / "flowerconfig.py"
     if not link.exists():
         link.symlink_to(FLOWER_CONFIG)

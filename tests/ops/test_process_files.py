@@ -144,15 +144,17 @@ def test_the_schema_is_migrated_before_web_worker_and_beat():
         assert condition == "service_completed_successfully", name
 
 
-def test_beat_deletes_its_schedule_file_before_starting_from_the_code_schedule():
+def test_beat_keeps_its_schedule_in_memory_and_is_given_no_schedule_file():
+    from worker.app import app
+
+    assert app.conf.beat_scheduler == "celery.beat:Scheduler"
     sources = {
         "Procfile": procfile_processes()["beat"],
         "docker-compose.yml": compose_file()["services"]["beat"]["command"],
     }
     for source, command in sources.items():
-        removal, beat = _simple_commands(command)
-        schedule = beat[beat.index("--schedule") + 1]
-        assert removal == ["rm", "-f", schedule + "*"], source
+        (beat,) = _simple_commands(command)
+        assert not {"--schedule", "-s", "--scheduler", "-S"} & set(beat), source
 
 
 # ---- every command resolves ------------------------------------------------------------------

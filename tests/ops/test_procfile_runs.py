@@ -86,6 +86,8 @@ def test_honcho_runs_the_five_processes_and_stops_them_cleanly(stack_factory):
             timeout=30,
             message=lambda: f"beat to start:\n{honcho.log()[-4000:]}",
         )
+        # beat keeps its schedule in memory: no shelve file where it runs
+        assert not list(app_root.glob("celerybeat-schedule*"))
         wait_http_ok(f"http://127.0.0.1:{flower_port}/healthcheck", honcho)
         wait_http_ok(f"http://127.0.0.1:{sandbox_port}/_admin/faults", honcho)
         # ...and the worker does its job (here against the test suite's sandbox).

@@ -249,7 +249,6 @@ class Stack:
         return started
 
     def start_beat(self, name: str = "beat", *, wait: bool = True, **env: str) -> Process:
-        schedule = self.workdir / f"{name}-schedule"
         argv = [
             sys.executable,
             "-m",
@@ -259,8 +258,6 @@ class Stack:
             "beat",
             "--loglevel",
             "INFO",
-            "--schedule",
-            str(schedule),
             "--max-interval",
             "1",
         ]
