@@ -39,6 +39,10 @@ celeryd_after_setup.disconnect(refundq_app._rehearse)
 
 _config = refundq_app.celery_config(get_settings())
 _config.pop("beat_schedule")
+# Bare Celery: kombu's own Redis transport, not refundq's (worker/broker.py, one Redis client
+# per channel instead of one per command). That saving is refundq's work, so the baseline keeps
+# paying what a bare Celery app pays (BENCHMARKS.md, fourth round).
+_config.pop("broker_transport")
 # A bare worker logs the way Celery does by default (plain text at --loglevel).
 _config.pop("worker_hijack_root_logger")
 

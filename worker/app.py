@@ -22,10 +22,12 @@ import json
 import time
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 from celery import Celery
 from celery.signals import celeryd_after_setup, setup_logging, worker_process_init
 
+from worker import broker
 from worker.schedule import beat_schedule
 from worker.settings import Settings, get_settings
 
@@ -39,6 +41,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     transport = {"visibility_timeout": VISIBILITY_TIMEOUT_SECONDS}
     return {
         "broker_url": settings.broker_url,
+        # kombu's Redis transport with one client per channel, not one per command
+        # (worker/broker.py); only for plain redis://, see there.
+        "broker_transport": broker.TRANSPORT
+        if urlsplit(settings.broker_url).scheme == "redis"
+        else None,
         "broker_transport_options": transport,
         "result_backend_transport_options": transport,
         "visibility_timeout": VISIBILITY_TIMEOUT_SECONDS,

@@ -1,0 +1,103 @@
+"""refundq's Redis transport (worker/broker.py) builds one Redis client per channel, where
+kombu's builds one per publish, event and acknowledgement (issue 7: 150-190 us of CPU each).
+Against the run's own redis-server: messages still go through, in order, and are acknowledged;
+the control with kombu's transport shows what the count would be without it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+import redis
+from kombu import Connection
+
+from tests.support.services import RedisServer
+from tests.support.stack import unique
+from worker import broker
+from worker.app import celery_config
+from worker.settings import Settings
+
+MESSAGES = 20
+
+
+@contextmanager
+def clients_built() -> Iterator[list[object]]:
+    built: list[object] = []
+    original = redis.Redis.__init__
+
+    def counting(self: redis.Redis, *args: object, **kwargs: object) -> None:
+        built.append(self)
+        original(self, *args, **kwargs)
+
+    redis.Redis.__init__ = counting  # type: ignore[method-assign]
+    try:
+        yield built
+    finally:
+        redis.Redis.__init__ = original  # type: ignore[method-assign]
+
+
+def round_trip(url: str, transport: str | None) -> tuple[list[object], list[int]]:
+    """Put MESSAGES messages, get and acknowledge each; the clients built meanwhile and the
+    bodies received."""
+    queue_name = unique("q")
+    with Connection(url, transport=transport) as connection:
+        queue = connection.SimpleQueue(queue_name)
+        queue.put(-1)  # declares and connects before counting
+        queue.get(timeout=5).ack()
+        with clients_built() as built:
+            for i in range(MESSAGES):
+                queue.put(i)
+            received = []
+            for _ in range(MESSAGES):
+                message = queue.get(timeout=5)
+                received.append(message.payload)
+                message.ack()
+        leftover = connection.default_channel.client.llen(queue_name)
+        queue.close()
+    assert leftover == 0
+    return built, received
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    return redis_server.url_for(5)
+
+
+def test_puts_gets_and_acks_reuse_one_client(redis_url):
+    built, received = round_trip(redis_url, broker.TRANSPORT)
+    assert received == list(range(MESSAGES))
+    assert len(built) <= 1, f"{len(built)} Redis clients built for {MESSAGES} messages"
+
+
+def test_control_kombus_transport_builds_a_client_per_command(redis_url):
+    built, received = round_trip(redis_url, None)
+    assert received == list(range(MESSAGES))
+    assert len(built) >= 2 * MESSAGES  # a put and an ack each, at least
+
+
+def test_a_new_pool_gets_a_new_client(redis_url):
+    """After kombu drops a channel's pool (a connection error does), the next command must not
+    go through a client of the old pool."""
+    with Connection(redis_url, transport=broker.TRANSPORT) as connection:
+        channel = connection.default_channel
+        with channel.conn_or_acquire() as first:
+            first.ping()
+        channel._pool = None
+        with channel.conn_or_acquire() as second:
+            second.ping()
+        assert second is not first
+        assert second.connection_pool is channel.pool
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("redis://127.0.0.1:6379/0", broker.TRANSPORT),
+        ("rediss://127.0.0.1:6380/0", None),
+        ("amqp://guest@127.0.0.1//", None),
+    ],
+)
+def test_the_app_uses_it_for_plain_redis_only(url, expected):
+    settings = Settings(broker_url=url)
+    assert celery_config(settings)["broker_transport"] == expected
