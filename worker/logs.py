@@ -51,6 +51,8 @@ _SECRET_TEXT = [
 # Libraries that install handlers of their own (uvicorn's dictConfig runs before the app module
 # is imported): their records go through the JSON handler on the root logger instead.
 _OWN_HANDLER_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access")
+# Where Celery logs each task's arrival and result.
+CELERY_PER_TASK_LOGGERS = ("celery.worker.strategy", "celery.app.trace")
 
 
 # Every pattern above needs one of these words. Nearly every logged string has none, and one
@@ -127,6 +129,12 @@ def configure_logging(level: str | None = None) -> None:
     # httpx logs every request URL at INFO; refundq logs its own attempts.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)
+    # Celery logs two INFO lines per task (received, succeeded): a job's turn is its own
+    # `job.attempt` line, and a sweep logs what it did. Formatting those two lines as JSON was
+    # about 0.15 ms of CPU per job (issue 7). Errors still come through; at DEBUG all of it does.
+    per_task_level = logging.NOTSET if level == "DEBUG" else logging.WARNING
+    for name in CELERY_PER_TASK_LOGGERS:
+        logging.getLogger(name).setLevel(per_task_level)
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:
