@@ -247,6 +247,14 @@ def write_json(path: Path, payload: dict[str, Any]) -> Path:
     return path
 
 
+def save_result(json_arg: str | None, command: str, payload: dict[str, Any]) -> Path:
+    """A command's result file: `--json` if given, else a stamped file under bench-results/;
+    written, and its path printed."""
+    path = write_json(Path(json_arg) if json_arg else default_json_path(command), payload)
+    say(f"\nwritten to {path}")
+    return path
+
+
 def say(message: str) -> None:
     print(message, flush=True)
 

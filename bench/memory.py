@@ -11,17 +11,15 @@ process tree.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
 from bench.common import (
-    default_json_path,
     machine,
     process_tree,
     procfile_worker,
     rss_bytes,
+    save_result,
     say,
-    write_json,
 )
 from bench.services import Services, interrupted_cleanly
 from bench.stack import Run, RunConfig, Stack, run_once
@@ -120,8 +118,9 @@ def main(args: argparse.Namespace) -> None:
         f"PSS {growth['pss']:+.1%}, largest process {growth['rss_largest_process']:+.1%}"
     )
     thinned = samples[:: max(1, len(samples) // 400)]
-    path = write_json(
-        Path(args.json) if args.json else default_json_path("memory"),
+    save_result(
+        args.json,
+        "memory",
         {
             "command": "memory",
             "machine": info,
@@ -137,4 +136,3 @@ def main(args: argparse.Namespace) -> None:
             "samples": [mib(s) for s in thinned],
         },
     )
-    say(f"written to {path}")

@@ -16,10 +16,9 @@ import statistics
 import time
 import uuid
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
-from bench.common import default_json_path, machine, say, write_json
+from bench.common import machine, save_result, say
 from bench.services import Services, interrupted_cleanly, postgres_version
 
 
@@ -240,8 +239,9 @@ def main(args: argparse.Namespace) -> None:
                 "ratio": round(ratio, 3),
             }
             say(f"  {backend}: tick({large['waiting']}) / tick({small['waiting']}) = {ratio:.2f}")
-    path = write_json(
-        Path(args.json) if args.json else default_json_path("polling"),
+    save_result(
+        args.json,
+        "polling",
         {
             "command": "polling",
             "machine": info,
@@ -250,4 +250,3 @@ def main(args: argparse.Namespace) -> None:
             "results": results,
         },
     )
-    say(f"written to {path}")

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-from pathlib import Path
 from typing import Any
 
-from bench.common import default_json_path, machine, median_and_spread, say, write_json
+from bench.common import machine, median_and_spread, save_result, say
 from bench.services import Services, interrupted_cleanly, postgres_version
 from bench.stack import RunConfig, Stack, run_once
 
@@ -103,8 +102,9 @@ def main(args: argparse.Namespace) -> None:
                 f" p99 {row['paced_p99_ms']['median']:.1f} ms"
             )
         say(line)
-    path = write_json(
-        Path(args.json) if args.json else default_json_path("pools"),
+    save_result(
+        args.json,
+        "pools",
         {
             "command": "pools",
             "machine": info,
@@ -121,4 +121,3 @@ def main(args: argparse.Namespace) -> None:
             "runs": runs,
         },
     )
-    say(f"written to {path}")

@@ -31,12 +31,11 @@ from typing import Any
 
 from bench.common import (
     REPO,
-    default_json_path,
     machine,
     python,
+    save_result,
     say,
     tree_cpu_seconds,
-    write_json,
 )
 from bench.producer import module_args
 from bench.services import Services, interrupted_cleanly, wait_for, wait_ready, worker_argv
@@ -330,8 +329,8 @@ def main(args: argparse.Namespace) -> None:
             results.append(
                 _py_spy_target(stack, "baseline", None, args.n, args.pool, args.concurrency, keep)
             )
-    path = write_json(
-        Path(args.json) if args.json else default_json_path(f"profile-{args.mode}"),
+    save_result(
+        args.json,
+        f"profile-{args.mode}",
         {"command": "profile", "mode": args.mode, "machine": machine(), "results": results},
     )
-    say(f"\nwritten to {path}")

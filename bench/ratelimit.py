@@ -11,9 +11,8 @@ import argparse
 import bisect
 from collections import Counter
 from datetime import datetime
-from pathlib import Path
 
-from bench.common import default_json_path, machine, say, write_json
+from bench.common import machine, save_result, say
 from bench.services import Services, interrupted_cleanly
 from bench.stack import RunConfig, Stack, run_once
 
@@ -89,8 +88,9 @@ def main(args: argparse.Namespace) -> None:
         f"second {summary['busiest_clock_second']}, achieved {achieved:.2f}/s "
         f"= {achieved / args.rate:.0%} of R; jobs {figures['statuses']}"
     )
-    path = write_json(
-        Path(args.json) if args.json else default_json_path("ratelimit"),
+    save_result(
+        args.json,
+        "ratelimit",
         {
             "command": "ratelimit",
             "machine": info,
@@ -108,4 +108,3 @@ def main(args: argparse.Namespace) -> None:
             "run": figures,
         },
     )
-    say(f"written to {path}")

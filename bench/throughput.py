@@ -21,13 +21,12 @@ from typing import Any
 
 from bench.common import (
     REPO,
-    default_json_path,
     machine,
     median_and_spread,
     procfile_worker,
     python,
+    save_result,
     say,
-    write_json,
 )
 from bench.producer import module_args
 from bench.services import Services, interrupted_cleanly, postgres_version
@@ -254,5 +253,4 @@ def print_summary(summary: dict[str, Any]) -> None:
 
 def main(args: argparse.Namespace) -> None:
     result = measure(args)
-    path = write_json(Path(args.json) if args.json else default_json_path("throughput"), result)
-    say(f"\nwritten to {path}")
+    save_result(args.json, "throughput", result)

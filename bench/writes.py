@@ -18,10 +18,9 @@ import argparse
 import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from bench.common import cpu_seconds, default_json_path, machine, say, write_json
+from bench.common import cpu_seconds, machine, save_result, say
 from bench.services import Services, interrupted_cleanly, postgres_version
 
 WARM_UP = 50
@@ -142,8 +141,9 @@ def main(args: argparse.Namespace) -> None:
     say(f"writes: {args.n} jobs per step, one process, no contention")
     with Services() as services, interrupted_cleanly(services):
         results = [measure(services, backend, args.n) for backend in backends]
-    path = write_json(
-        Path(args.json) if args.json else default_json_path("writes"),
+    save_result(
+        args.json,
+        "writes",
         {
             "command": "writes",
             "machine": info,
@@ -151,4 +151,3 @@ def main(args: argparse.Namespace) -> None:
             "results": results,
         },
     )
-    say(f"written to {path}")
