@@ -14,9 +14,21 @@ so one client can serve every caller of the channel, threads included, and redis
 resets itself in a forked child. If kombu replaces the channel's pool (after a connection
 error), the next command builds a client on the new one.
 
-It overrides one kombu method, `conn_or_acquire`;
-tests/integration/test_broker_transport.py counts the clients built, so a kombu that stopped
-calling it would fail there rather than quietly lose the saving.
+It overrides two kombu methods:
+- `conn_or_acquire`, for the shared client; tests/integration/test_broker_transport.py counts
+  the clients built, so a kombu that stopped calling it would fail there rather than quietly
+  lose the saving.
+- `_connparams`, so that a channel that outlived its connection fails with a connection error.
+  When Redis goes away, Celery's consumer closes the broken connection twice (`collect()`, then
+  `close()`); kombu detaches the transport from its connection on the first, and the second
+  (or a late acknowledgement of a task that was running) rebuilds the channel's pool from a
+  connection that is no longer there. kombu then raises AttributeError ("'NoneType' object has
+  no attribute 'hostname'", celery/kombu#582), which Celery does not count as a connection
+  error: the worker logged "Unrecoverable error" and stopped. In the chaos suite a Redis
+  restart did that to a worker in 3 of 5 runs, and once to both workers, so 365 jobs stayed
+  queued. A connection error is what it is: Celery logs it, carries on reconnecting, and the
+  unacknowledged messages come back by the visibility timeout (or from the database, through
+  the dispatcher, if Redis lost them).
 
 `worker.app.celery_config` selects this transport for `redis://` broker URLs only; `rediss://`
 (TLS) and other brokers keep kombu's own, because kombu derives TLS defaults from the URL's
@@ -29,6 +41,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import redis
 from kombu.transport import redis as kombu_redis
 
 # Celery's `broker_transport` setting: a kombu transport named by its import path.
@@ -47,6 +60,15 @@ class Channel(kombu_redis.Channel):
         if shared is None or shared.connection_pool is not self.pool:
             shared = self._shared_client = self._create_client()
         yield shared
+
+    def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
+        if self.connection is None or self.connection.client is None:
+            raise redis.exceptions.ConnectionError(
+                "this channel's broker connection was closed (the broker went away); "
+                "the worker reconnects on a new channel"
+            )
+        params: dict[str, Any] = super()._connparams(asynchronous=asynchronous)
+        return params
 
 
 class Transport(kombu_redis.Transport):

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import pytest
 import redis
 from kombu import Connection
+from kombu.common import ignore_errors
 
 from tests.support.services import RedisServer
 from tests.support.stack import unique
@@ -101,3 +103,55 @@ def test_a_new_pool_gets_a_new_client(redis_url):
 def test_the_app_uses_it_for_plain_redis_only(url, expected):
     settings = Settings(broker_url=url)
     assert celery_config(settings)["broker_transport"] == expected
+
+
+_detached: list[Any] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_restore_at_exit() -> Iterator[None]:
+    """kombu also restores a channel's unacknowledged messages when the process exits; these
+    channels cannot, by design, so that would only print their error at exit."""
+    yield
+    while _detached:
+        _detached.pop().do_restore = False
+
+
+def detached_channel_with_unacked(url: str, transport: str | None) -> tuple[Any, Any, Any]:
+    """A channel in the state a worker's channel is in after Celery's first attempt to close
+    its broken connection: a delivered, unacknowledged message; its pool dropped (kombu's
+    `Channel.close` does that first); its transport detached from the connection (kombu's
+    `Connection._do_close_transport`); the channel itself not closed yet, because that close
+    failed on the dead server."""
+    connection = Connection(url, transport=transport)
+    channel = connection.default_channel
+    queue_name = unique("q")
+    channel.queue_declare(queue_name)
+    channel.basic_publish(channel.prepare_message("refund"), "", queue_name)
+    message = channel.basic_get(queue_name, no_ack=False)
+    assert message is not None
+    channel._disconnect_pools()
+    connection._do_close_transport()
+    _detached.append(channel)
+    return connection, channel, message
+
+
+def test_a_channel_that_outlived_its_connection_fails_with_a_connection_error(redis_url):
+    """What killed workers when Redis restarted (chaos suite): a late acknowledgement on such a
+    channel, or Celery's second close of the broken connection, must raise an error Celery
+    handles as a lost connection, never one that stops the worker."""
+    _, _, message = detached_channel_with_unacked(redis_url, broker.TRANSPORT)
+    with pytest.raises(broker.Transport.connection_errors):
+        message.ack()
+    connection, channel, _ = detached_channel_with_unacked(redis_url, broker.TRANSPORT)
+    ignore_errors(connection, connection.close)  # what Celery's consumer does next
+    assert channel.closed
+
+
+def test_control_kombus_transport_fails_with_attribute_error_there(redis_url):
+    _, _, message = detached_channel_with_unacked(redis_url, None)
+    with pytest.raises(AttributeError):
+        message.ack()
+    connection, _, _ = detached_channel_with_unacked(redis_url, None)
+    with pytest.raises(AttributeError):
+        ignore_errors(connection, connection.close)
