@@ -56,7 +56,7 @@ from providers.base import (
     Outcome,
     RateLimited,
 )
-from worker import policy
+from worker import driver, policy
 from worker.clock import utcnow
 from worker.db import one_statement_writes, single_statements, write_session, write_transaction
 from worker.errors import IdempotencyConflict, InvalidRequest, OverRefund
@@ -127,8 +127,12 @@ def transition(
     params: dict[str, Any] = {"b_job_id": job_id}
     if lease_owner is not None:
         params["b_lease_owner"] = lease_owner
+    # A statement built for this call only (values computed in SQL) runs through SQLAlchemy;
+    # a cached shape may run on the driver (worker/driver.py).
+    execute: Callable[[Tx, Any, Mapping[str, Any]], Any] = driver.execute
     if any(isinstance(v, ColumnElement) for v in new_values.values()):
         statement = _cas_statement(sources, lease_owner is not None, ()).values(**new_values)
+        execute = _execute_built
     else:
         statement = _cas_statement(sources, lease_owner is not None, tuple(sorted(new_values)))
         params.update({f"v_{name}": value for name, value in new_values.items()})
@@ -143,8 +147,8 @@ def transition(
             return False
     # A Core UPDATE of the table: on an ORM session it neither reads nor refreshes loaded
     # objects (as `synchronize_session=False` did).
-    result = session.execute(statement, params)
-    if result.rowcount != 1:  # type: ignore[attr-defined]  # CursorResult of an UPDATE
+    result = execute(session, statement, params)
+    if result.rowcount != 1:
         return False
     _insert_event(
         session,
@@ -158,6 +162,10 @@ def transition(
         detail=detail,
     )
     return True
+
+
+def _execute_built(session: Tx, statement: Any, params: Mapping[str, Any]) -> Any:
+    return session.execute(statement, params)
 
 
 def _moved_values(to: JobStatus, values: Mapping[str, Any] | None, now: datetime) -> dict[str, Any]:
@@ -223,7 +231,8 @@ def _insert_event(
     note: str | None = None,
     detail: Mapping[str, Any] | None = None,
 ) -> None:
-    session.execute(
+    driver.execute(
+        session,
         _INSERT_EVENT,
         {
             "job_id": job_id,
@@ -367,7 +376,7 @@ def _insert_new_job(connection: Connection, values: Mapping[str, Any], actor: st
             _insert_job_with_event(tuple(sorted(values))), params | {"b_actor": actor}
         )
         return
-    connection.execute(_INSERT_JOB, values)
+    driver.execute(connection, _INSERT_JOB, values)
     _insert_event(
         connection,
         values["id"],
@@ -477,7 +486,7 @@ def _key_and_live_refunds(
     """The job `new`'s idempotency key names (None if none), and the live refunds of its
     payment (read for refunds only: a cancel has no amount to check)."""
     if new.kind is not Kind.REFUND:
-        return connection.execute(_JOB_BY_KEY, {"b_key": new.idempotency_key}).first(), []
+        return driver.execute(connection, _JOB_BY_KEY, {"b_key": new.idempotency_key}).first(), []
     rows = connection.execute(
         _KEY_OR_LIVE_REFUNDS,
         {
@@ -650,7 +659,7 @@ def claim_job(
     }
     with write_transaction() as connection:
         for previous in CLAIMABLE:
-            row = connection.execute(_CLAIM, {**params, "b_from": previous.value}).first()
+            row = driver.execute(connection, _CLAIM, {**params, "b_from": previous.value}).first()
             if row is not None:
                 break
         else:
@@ -792,7 +801,8 @@ def record_attempt(claim: Claim, purpose: str, request_summary: Mapping[str, Any
 def _insert_attempt(
     connection: Connection, claim: Claim, purpose: str, request_summary: Mapping[str, Any]
 ) -> int:
-    result = connection.execute(
+    result = driver.execute(
+        connection,
         _INSERT_ATTEMPT,
         {
             "job_id": claim.job_id,
@@ -804,7 +814,7 @@ def _insert_attempt(
             "request_summary": dict(request_summary),
         },
     )
-    attempt_id = result.inserted_primary_key[0]  # type: ignore[index]
+    attempt_id = result.inserted_primary_key[0]
     assert attempt_id is not None
     return int(attempt_id)
 
@@ -1020,7 +1030,7 @@ def apply(
         moved = _apply_in_one_statement(claim, decision, finish, now)
     else:
         with write_transaction() as connection:
-            connection.execute(_FINISH_ATTEMPT, finish)
+            driver.execute(connection, _FINISH_ATTEMPT, finish)
             moved = transition(
                 connection,
                 claim.job_id,

@@ -1,0 +1,221 @@
+"""The hot path's statements on SQLite run on the driver (worker/driver.py, issue 7): a job's
+claim and outcome reach sqlite3 without SQLAlchemy's per-statement machinery, and what they
+return, raise and commit is what SQLAlchemy would have. Real databases (SQLite and
+PostgreSQL, where everything stays SQLAlchemy's); no worker runs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+from sqlalchemy import (
+    Column,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    bindparam,
+    event,
+    insert,
+    select,
+    text,
+)
+from sqlalchemy.engine import CursorResult
+from sqlalchemy.exc import IntegrityError
+
+from providers.base import Capabilities, GatewayResult, Kind, Outcome
+from tests.support.stack import Stack, unique
+from worker import driver, jobs
+from worker.clock import utcnow
+from worker.db import get_engine, read_session, write_transaction
+from worker.models import Event, Job
+
+JOBS, EVENTS = Job.__table__, Event.__table__  # type: ignore[attr-defined]
+
+
+@contextmanager
+def through_sqlalchemy() -> Iterator[list[str]]:
+    """The statements SQLAlchemy's `Connection.execute` sends while the block runs."""
+    sent: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        sent.append(" ".join(statement.split()[:3]).lower())
+
+    engine = get_engine()
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        yield sent
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+
+
+def a_turn(job_id: str) -> jobs.Turn:
+    claimed = jobs.claim_job(job_id, "test", 60, first_call=lambda _claim: ("send", {"a": "1"}))
+    assert claimed is not None and claimed[1] is not None
+    claim, attempt_id = claimed
+    caps = Capabilities(kinds=frozenset(Kind), status_query=False, resend_safe=False)
+    answer = GatewayResult(Outcome.SUCCEEDED, provider_reference="r1", raw_status="ok")
+    return jobs.apply(
+        claim,
+        attempt_id,
+        jobs.decide_result(claim, caps, answer, (60.0,), 3600.0),
+        attempt_outcome="succeeded",
+        http_status=200,
+        code=None,
+        message=None,
+        duration_ms=1.0,
+    )
+
+
+def test_a_jobs_turn_on_sqlite_bypasses_sqlalchemys_execute(stack_factory):
+    stack: Stack = stack_factory()
+    job_id = stack.refund_new_order()
+    a_turn(stack.refund_new_order())  # compiled once, outside the block
+
+    with through_sqlalchemy() as sent:
+        turn = a_turn(job_id)
+
+    assert turn.status is jobs.JobStatus.SUCCEEDED
+    if stack.backend == "sqlite":
+        assert sent == []
+    else:  # PostgreSQL: the claim's read and its statement, the outcome's statement
+        assert len(sent) == 3, sent
+    with read_session() as session:
+        job = session.get(Job, job_id)
+        assert job is not None and job.status == "succeeded" and job.lease_owner is None
+        events = session.execute(
+            select(Event.to_status).where(Event.job_id == job_id).order_by(Event.id)
+        ).scalars()
+        assert list(events) == ["queued", "submitting", "succeeded"]
+
+
+# A read of every type the jobs table holds (text, integers, JSON, datetimes, booleans).
+_JOB_ROW = select(JOBS).where(JOBS.c.id == bindparam("b_id"))
+
+
+def test_rows_come_back_as_sqlalchemy_returns_them(stack_factory):
+    stack: Stack = stack_factory()
+    job_id = stack.refund_new_order()
+
+    with write_transaction() as connection:
+        ours = driver.execute(connection, _JOB_ROW, {"b_id": job_id}).first()
+        theirs = connection.execute(_JOB_ROW, {"b_id": job_id}).first()
+        assert driver.execute(connection, _JOB_ROW, {"b_id": "no-such-job"}).first() is None
+        assert driver.execute(connection, _JOB_ROW, {"b_id": "no-such-job"}).all() == []
+        missing = driver.execute(connection, _JOB_ROW, {"b_id": "no-such-job"})
+        assert missing.scalar_one_or_none() is None
+
+    assert ours is not None and theirs is not None
+    assert ours._fields == theirs._fields
+    assert tuple(ours) == tuple(theirs)
+    assert [type(value) for value in ours] == [type(value) for value in theirs]
+    assert ours.created_at == theirs.created_at and ours.extras == theirs.extras
+
+
+def test_values_are_stored_as_sqlalchemy_stores_them(stack_factory):
+    """Each type's bind processor runs, for None too (a JSON column stores JSON 'null')."""
+    stack: Stack = stack_factory()
+    job_id = stack.refund_new_order()
+    row = {
+        "job_id": job_id,
+        "at": utcnow(),
+        "kind": "note",
+        "actor": "test",
+        "to_status": None,
+        "from_status": None,
+        "note": None,
+        "detail": None,
+    }
+    with write_transaction() as connection:
+        driver.execute(connection, jobs._INSERT_EVENT, row | {"actor": "driver"})
+        connection.execute(jobs._INSERT_EVENT, row | {"actor": "sqlalchemy"})
+        stored = connection.execute(
+            text(
+                "SELECT actor, CAST(at AS TEXT), CAST(detail AS TEXT) FROM events"
+                " WHERE job_id = :job_id AND kind = 'note'"
+            ),
+            {"job_id": job_id},
+        ).all()
+    by_actor = {actor: rest for actor, *rest in stored}
+    assert by_actor["driver"][1] == by_actor["sqlalchemy"][1]
+    assert len(by_actor["driver"][0]) == len(by_actor["sqlalchemy"][0])  # same format
+
+
+def test_a_constraint_violation_raises_sqlalchemys_integrity_error(stack_factory):
+    """`insert_job` relies on it: a concurrent producer's key shows as `IntegrityError`."""
+    stack: Stack = stack_factory()
+    job_id = stack.refund_new_order()
+    with read_session() as session:
+        taken = session.execute(select(Event.id).where(Event.job_id == job_id)).scalars().first()
+    row = {
+        "id": taken,
+        "job_id": job_id,
+        "at": utcnow(),
+        "kind": "transition",
+        "actor": "test",
+        "to_status": "queued",
+        "from_status": None,
+        "note": None,
+        "detail": None,
+    }
+    with pytest.raises(IntegrityError), write_transaction() as connection:
+        driver.execute(connection, jobs._INSERT_EVENT, row)
+
+
+def test_a_driver_write_is_rolled_back_with_its_transaction(stack_factory):
+    stack: Stack = stack_factory()
+    job_id = stack.refund_new_order()
+    note = unique("note")
+
+    with pytest.raises(RuntimeError), write_transaction() as connection:
+        jobs.record_event(connection, job_id, kind="note", actor="test", note=note)
+        raise RuntimeError("the transaction fails after the write")
+    with write_transaction() as connection:
+        jobs.record_event(connection, job_id, kind="note", actor="test", note=note + "-kept")
+
+    with read_session() as session:
+        notes = session.execute(select(Event.note).where(Event.job_id == job_id)).scalars()
+        assert [n for n in notes if n and n.startswith(note)] == [note + "-kept"]
+
+
+def test_what_needs_an_execution_context_still_gets_one(stack_factory):
+    """A Python-side column default and an IN list SQLAlchemy expands per execution: both
+    run through SQLAlchemy, with the right answer."""
+    stack: Stack = stack_factory()
+    job_id = stack.refund_new_order()
+    table = Table(
+        unique("t"),
+        MetaData(),
+        Column("id", Integer, primary_key=True),
+        Column("label", String(20), default=lambda: "from-python"),
+    )
+    table.create(get_engine())
+    try:
+        add = insert(table)
+        in_list = select(JOBS.c.id).where(JOBS.c.status.in_(["queued", "retry_wait"]))
+        with write_transaction() as connection:
+            added = driver.execute(connection, add, {"id": 1})
+            found = driver.execute(connection, in_list, {}).all()
+            label = connection.execute(select(table.c.label)).scalar_one()
+        assert isinstance(added, CursorResult)
+        assert label == "from-python"
+        assert job_id in [row.id for row in found]
+    finally:
+        table.drop(get_engine())
+
+
+def test_a_plan_is_compiled_once_per_statement_and_parameter_names(stack_factory):
+    stack: Stack = stack_factory()
+    job_id = stack.refund_new_order()
+    statement = select(JOBS.c.status).where(JOBS.c.id == bindparam("b_id"))  # new to the cache
+    with write_transaction() as connection:
+        before = driver.plan_count()
+        for _ in range(3):
+            driver.execute(connection, statement, {"b_id": job_id})
+        once = driver.plan_count()
+        driver.execute(connection, statement, {"b_id": job_id, "unused": 1})
+        twice = driver.plan_count()
+    expected = 1 if stack.backend == "sqlite" else 0  # PostgreSQL: SQLAlchemy's own cache
+    assert (once - before, twice - once) == (expected, expected)
