@@ -7,7 +7,9 @@ Arguments are job ids only: Flower and the broker never see credentials or custo
 
 from __future__ import annotations
 
-from worker import engine
+import dataclasses
+
+from worker import db, engine
 from worker.app import (
     EXECUTE_JOB,
     POLL_JOB,
@@ -28,6 +30,13 @@ def execute_job(job_id: str) -> str:
 def dispatch_queued() -> int:
     """Re-publish jobs whose time has come and whose message may be lost."""
     return engine.dispatch_queued(publish=publish_job, waiting_since=oldest_waiting_published_at)
+
+
+@app.task(name="refundq.checkpoint")
+def checkpoint() -> dict[str, int] | None:
+    """Copy SQLite's write-ahead log into the database, off the jobs' path (worker/db.py)."""
+    done = db.checkpoint()
+    return None if done is None else dataclasses.asdict(done)
 
 
 @app.task(name="refundq.reap_expired")

@@ -67,6 +67,15 @@ _LOCK_POLL_MAX_SECONDS = 0.002
 BUSY_TIMEOUT_PRAGMA = "PRAGMA busy_timeout=30000"  # milliseconds: SQLITE_BUSY_TIMEOUT_SECONDS
 NO_BUSY_TIMEOUT_PRAGMA = "PRAGMA busy_timeout=0"
 
+# SQLite copies its write-ahead log into the database from whichever commit takes the log past
+# `wal_autocheckpoint` pages (default 1,000), and that commit waits for the copy and its fsync:
+# at 50 jobs/s, one job in about sixty-five was 10-15 ms late, which made a single refund's p99
+# (issue 7, BENCHMARKS.md, sixth round). Beat runs the checkpoint instead (`checkpoint`, every
+# `checkpoint_interval_seconds`), in a task of its own; the automatic one stays, ten times
+# further out, for when no beat runs or its task waits behind a burst of jobs.
+WAL_AUTOCHECKPOINT_PAGES = 10_000
+WAL_AUTOCHECKPOINT_PRAGMA = "PRAGMA wal_autocheckpoint=10000"  # WAL_AUTOCHECKPOINT_PAGES
+
 
 def normalise_url(url: str) -> str:
     """PostgreSQL URLs without a driver use psycopg 3, the driver refundq ships with."""
@@ -135,6 +144,7 @@ def _tune_sqlite(engine: Engine) -> None:
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute(BUSY_TIMEOUT_PRAGMA)
         cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute(WAL_AUTOCHECKPOINT_PRAGMA)
         cursor.close()
 
     @event.listens_for(engine, "begin")
@@ -201,6 +211,34 @@ def _engines_for(url: str | None) -> _ProcessEngines:
         )
         _engines[url] = engines
         return engines
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """What one checkpoint did: the log's frames, and how many of them are in the database."""
+
+    busy: bool  # a reader or writer kept it from finishing; the next one carries on
+    log_frames: int
+    checkpointed_frames: int
+
+
+def checkpoint() -> Checkpoint | None:
+    """Copy SQLite's write-ahead log into the database, off the jobs' path (see
+    `WAL_AUTOCHECKPOINT_PAGES`); None on PostgreSQL, which has nothing to do. PASSIVE: it
+    neither waits for nor blocks readers and writers, and copies what it can."""
+    engine = get_engine()
+    if not is_sqlite(engine):
+        return None
+    # The driver's connection directly: a SQLAlchemy connection would open a transaction first,
+    # and a checkpoint inside one copies nothing its own snapshot still needs.
+    pooled = engine.raw_connection()
+    try:
+        driver = pooled.driver_connection
+        assert driver is not None
+        busy, log_frames, done = driver.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    finally:
+        pooled.close()
+    return Checkpoint(busy=bool(busy), log_frames=log_frames, checkpointed_frames=done)
 
 
 def get_engine(url: str | None = None) -> Engine:

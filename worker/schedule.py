@@ -16,7 +16,7 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
     def every(seconds: float, task: str) -> dict[str, Any]:
         return {"task": task, "schedule": seconds, "options": {"expires": seconds}}
 
-    return {
+    schedule = {
         "dispatch-queued": every(settings.dispatch_interval_seconds, "refundq.dispatch_queued"),
         "reap-expired": every(settings.reap_interval_seconds, "refundq.reap_expired"),
         "poll-pending": every(settings.poll_interval_seconds, "refundq.poll_pending"),
@@ -26,3 +26,10 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
             settings.notify_sweep_interval_seconds, "refundq.dispatch_notifications"
         ),
     }
+    if settings.database_url.startswith("sqlite"):
+        # SQLite's write-ahead log, copied into the database here rather than by a job's commit
+        # (worker/db.py, WAL_AUTOCHECKPOINT_PAGES).
+        schedule["checkpoint-wal"] = every(
+            settings.checkpoint_interval_seconds, "refundq.checkpoint"
+        )
+    return schedule

@@ -55,6 +55,8 @@ class Settings(BaseSettings):
     # message may have been lost (Redis flushed or restarted without persistence).
     redispatch_after_seconds: float = Field(default=10.0, gt=0)
     dispatch_batch_size: int = Field(default=500, gt=0)
+    # SQLite only: how often beat copies the write-ahead log into the database (worker/db.py).
+    checkpoint_interval_seconds: float = Field(default=1.0, gt=0)
 
     # --- vaultspay-style settlement polling ---------------------------------------------------
     poll_batch_size: int = Field(default=200, gt=0)

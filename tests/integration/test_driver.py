@@ -25,8 +25,8 @@ from sqlalchemy import (
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import IntegrityError
 
-from providers.base import Capabilities, GatewayResult, Kind, Outcome
 from tests.support.stack import Stack, unique
+from tests.support.turns import a_successful_turn
 from worker import driver, jobs
 from worker.clock import utcnow
 from worker.db import get_engine, read_session, write_transaction
@@ -51,31 +51,13 @@ def through_sqlalchemy() -> Iterator[list[str]]:
         event.remove(engine, "before_cursor_execute", record)
 
 
-def a_turn(job_id: str) -> jobs.Turn:
-    claimed = jobs.claim_job(job_id, "test", 60, first_call=lambda _claim: ("send", {"a": "1"}))
-    assert claimed is not None and claimed[1] is not None
-    claim, attempt_id = claimed
-    caps = Capabilities(kinds=frozenset(Kind), status_query=False, resend_safe=False)
-    answer = GatewayResult(Outcome.SUCCEEDED, provider_reference="r1", raw_status="ok")
-    return jobs.apply(
-        claim,
-        attempt_id,
-        jobs.decide_result(claim, caps, answer, (60.0,), 3600.0),
-        attempt_outcome="succeeded",
-        http_status=200,
-        code=None,
-        message=None,
-        duration_ms=1.0,
-    )
-
-
 def test_a_jobs_turn_on_sqlite_bypasses_sqlalchemys_execute(stack_factory):
     stack: Stack = stack_factory()
     job_id = stack.refund_new_order()
-    a_turn(stack.refund_new_order())  # compiled once, outside the block
+    a_successful_turn(stack.refund_new_order())  # compiled once, outside the block
 
     with through_sqlalchemy() as sent:
-        turn = a_turn(job_id)
+        turn = a_successful_turn(job_id)
 
     assert turn.status is jobs.JobStatus.SUCCEEDED
     if stack.backend == "sqlite":
