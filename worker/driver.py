@@ -1,10 +1,12 @@
 """The state machine's hot-path statements on SQLite, compiled once and run on the driver.
 
 A job's three write transactions on SQLite run nine statements. Through SQLAlchemy's
-`Connection.execute` each one costs about 60-100 us of Python before and after the driver
-(the compiled-cache lookup, an execution context, parameter and result processing, the
-connection events) where sqlite3 itself spends 10-20 us (issue 7, BENCHMARKS.md "Sixth
-round"). Here a statement is still written once, in SQLAlchemy Core, next to its rule in
+`Connection.execute` each one pays for the compiled-cache lookup, an execution context,
+parameter and result processing and the connection events, where sqlite3 itself spends
+10-20 us: half of a job's database CPU under cProfile, and 0.3-0.6 ms of the 1.5-2.0 ms a
+job's writes cost in one process (issue 7, BENCHMARKS.md, sixth round).
+
+Here a statement is still written once, in SQLAlchemy Core, next to its rule in
 `worker/jobs.py`; it is compiled for the dialect once per shape (the statement and the
 parameter names given), with its types' bind and result processors, and each execution is
 one call on the sqlite3 connection the SQLAlchemy transaction already holds. The transaction,
@@ -13,8 +15,8 @@ the `BEGIN IMMEDIATE`, savepoints, commit and rollback all stay SQLAlchemy's.
 Used only where the statement is a fixed object (module constants and the state machine's
 per-shape caches) and only on SQLite; everything else, and every statement on PostgreSQL,
 goes through `Connection.execute` unchanged. A statement that needs what only an execution
-context provides (Python-side column defaults, multi-row parameters) is refused at compile
-time and runs through SQLAlchemy too. Driver errors are raised as SQLAlchemy's own
+context provides (Python-side column defaults, an IN list expanded per execution) is refused
+at compile time and runs through SQLAlchemy too. Driver errors are raised as SQLAlchemy's own
 exceptions (`IntegrityError`, `OperationalError`), as callers expect."""
 
 from __future__ import annotations
@@ -77,6 +79,9 @@ class Result:
         return (self.lastrowid,)
 
 
+# (id of the statement, parameter names) -> its plan, or None for a statement refused. A plan
+# holds its statement, so that id is not reused while the entry lives; a refusal does not, and
+# a new statement that happened to get a refused one's id would only run through SQLAlchemy.
 _plans: dict[tuple[int, tuple[str, ...]], _Plan | None] = {}
 _plans_lock = threading.Lock()
 
