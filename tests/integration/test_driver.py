@@ -30,7 +30,7 @@ from tests.support.turns import a_successful_turn
 from worker import driver, jobs
 from worker.clock import utcnow
 from worker.db import get_engine, read_session, write_transaction
-from worker.models import Event, Job
+from worker.models import Attempt, Event, Job
 
 JOBS, EVENTS = Job.__table__, Event.__table__  # type: ignore[attr-defined]
 
@@ -201,3 +201,27 @@ def test_a_plan_is_compiled_once_per_statement_and_parameter_names(stack_factory
         twice = driver.plan_count()
     expected = 1 if stack.backend == "sqlite" else 0  # PostgreSQL: SQLAlchemy's own cache
     assert (once - before, twice - once) == (expected, expected)
+
+
+def test_a_second_claim_while_the_lease_holds_gets_nothing_and_writes_nothing(stack_factory):
+    """A duplicate message: the claim's compare-and-set, on the driver on SQLite, refuses it."""
+    stack: Stack = stack_factory()
+    job_id = stack.refund_new_order()
+    first = jobs.claim_job(job_id, "w1", 60, first_call=lambda _claim: ("send", {"a": "1"}))
+    assert first is not None and first[1] is not None
+
+    def written() -> tuple[int, int]:
+        with read_session() as session:
+            events = session.execute(select(Event.id).where(Event.job_id == job_id)).all()
+            attempts = session.execute(select(Attempt.id).where(Attempt.job_id == job_id)).all()
+        return len(events), len(attempts)
+
+    before = written()
+    second = jobs.claim_job(job_id, "w2", 60, first_call=lambda _claim: ("send", {"a": "1"}))
+
+    assert second is None
+    assert written() == before == (2, 1)  # queued, submitting; the first claim's attempt
+    with read_session() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        assert (job.status, job.lease_owner, job.attempt_count) == ("submitting", "w1", 1)
