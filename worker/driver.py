@@ -1,27 +1,34 @@
-"""The state machine's hot-path statements on SQLite, compiled once and run on the driver.
+"""The state machine's hot-path statements, compiled once and run on the driver.
 
 A job's three write transactions on SQLite run nine statements. Through SQLAlchemy's
 `Connection.execute` each one pays for the compiled-cache lookup, an execution context,
 parameter and result processing and the connection events, where sqlite3 itself spends
 10-20 us: half of a job's database CPU under cProfile, and 0.3-0.6 ms of the 1.5-2.0 ms a
-job's writes cost in one process (issue 7, BENCHMARKS.md, sixth round).
+job's writes cost in one process (issue 7, BENCHMARKS.md, sixth round). On PostgreSQL the
+same machinery was about half of the client's 4.3 ms per job (`bench writes`, seventh round).
 
 Here a statement is still written once, in SQLAlchemy Core, next to its rule in
 `worker/jobs.py`; it is compiled for the dialect once per shape (the statement and the
 parameter names given), with its types' bind and result processors, and each execution is
-one call on the sqlite3 connection the SQLAlchemy transaction already holds. The transaction,
-the `BEGIN IMMEDIATE`, savepoints, commit and rollback all stay SQLAlchemy's.
+one call on the sqlite3 or psycopg connection SQLAlchemy has checked out. The SQL is the
+string SQLAlchemy itself would send. The transaction, SQLite's `BEGIN IMMEDIATE`, savepoints,
+commit and rollback all stay SQLAlchemy's; on a PostgreSQL connection in autocommit
+(`worker.db.single_statements`) each statement is its own transaction, as it is there.
 
 Used only where the statement is a fixed object (module constants and the state machine's
-per-shape caches) and only on SQLite; everything else, and every statement on PostgreSQL,
-goes through `Connection.execute` unchanged. A statement that needs what only an execution
-context provides (Python-side column defaults, an IN list expanded per execution) is refused
-at compile time and runs through SQLAlchemy too. Driver errors are raised as SQLAlchemy's own
-exceptions (`IntegrityError`, `OperationalError`), as callers expect."""
+per-shape caches); everything else goes through `Connection.execute` unchanged. A statement
+that needs what only an execution context provides (Python-side column defaults, an IN list
+expanded per execution, an INSERT whose new key PostgreSQL returns) is refused at compile
+time and runs through SQLAlchemy too, as does every statement on an engine with `echo` on.
+Driver errors go through SQLAlchemy's own handler: they are raised as its exceptions
+(`IntegrityError`, `OperationalError`), and a connection the server dropped is invalidated.
+What this skips, knowingly: SQLAlchemy's `before_cursor_execute` and `after_cursor_execute`
+events, so an instrumentation that listens there does not see these statements (the tests
+trace the drivers themselves, tests/support/statements.py)."""
 
 from __future__ import annotations
 
-import sqlite3
+import re
 import threading
 from collections import namedtuple
 from collections.abc import Callable, Mapping, Sequence
@@ -44,9 +51,12 @@ _MAX_PLANS = 512
 
 @dataclass(frozen=True)
 class _Plan:
-    statement: ClauseElement  # held so that `id(statement)` in the key cannot be reused
+    # Held so that the ids in the plan's key cannot be reused while the plan lives.
+    statement: ClauseElement
+    dialect: Dialect  # a process may use several databases (the tests use SQLite and PostgreSQL)
     sql: str
-    names: tuple[str, ...]  # the bind names, in the order of the `?` placeholders
+    positional: bool  # sqlite3's `?` placeholders; else psycopg's `%(name)s`
+    names: tuple[str, ...]  # the bind names (for `?`, in the placeholders' order)
     processors: tuple[Processor, ...]
     constants: Mapping[str, Any]  # binds whose value the statement itself carries
     row: type | None  # a namedtuple of the result columns, for statements that return rows
@@ -79,25 +89,45 @@ class Result:
         return (self.lastrowid,)
 
 
-# (id of the statement, parameter names) -> its plan, or None for a statement refused. A plan
-# holds its statement, so that id is not reused while the entry lives; a refusal does not, and
-# a new statement that happened to get a refused one's id would only run through SQLAlchemy.
-_plans: dict[tuple[int, tuple[str, ...]], _Plan | None] = {}
+# A bind in the SQL SQLAlchemy compiles for psycopg (a literal `%` is written `%%`).
+_NAMED_PLACEHOLDER = re.compile(r"(?<!%)%\(([^)]+)\)s")
+
+# The dialects whose driver this module calls directly.
+_DIRECT = frozenset({"sqlite", "postgresql"})
+
+# (id of the statement, id of the dialect, parameter names) -> its plan, or None for a
+# statement refused. A plan holds its statement and dialect, so those ids are not reused while
+# the entry lives; a refusal does not, and a new statement or dialect that happened to get a
+# refused one's id would only run through SQLAlchemy.
+_plans: dict[tuple[int, int, tuple[str, ...]], _Plan | None] = {}
 _plans_lock = threading.Lock()
 
 
 def execute(connection: Any, statement: Executable, params: Mapping[str, Any]) -> Any:
-    """`connection.execute(statement, params)`, on SQLite's driver directly when it can be.
+    """`connection.execute(statement, params)`, on the driver directly when it can be.
 
     `statement` must be a fixed object (it is compiled once per parameter names and kept)."""
-    if not isinstance(connection, Connection) or connection.dialect.name != "sqlite":
+    if (
+        not isinstance(connection, Connection)
+        or connection.dialect.name not in _DIRECT
+        or connection.closed
+        or connection._echo  # an engine with `echo` logs every statement: SQLAlchemy's job
+    ):
         return connection.execute(statement, params)
-    if not connection.in_transaction() or connection.closed:
-        return connection.execute(statement, params)  # let SQLAlchemy begin or complain
+    if not connection.in_transaction() and not _autocommits(connection):
+        # Let SQLAlchemy begin: on SQLite its `begin` event sends `BEGIN IMMEDIATE`.
+        return connection.execute(statement, params)
     plan = _plan_for(connection.dialect, statement, tuple(sorted(params)))
     if plan is None:
         return connection.execute(statement, params)
     return _run(connection, plan, params)
+
+
+def _autocommits(connection: Connection) -> bool:
+    """A PostgreSQL connection in autocommit (`worker.db.single_statements`): each statement is
+    its own transaction and SQLAlchemy has nothing to begin."""
+    driver = connection.connection.driver_connection
+    return connection.dialect.name == "postgresql" and bool(getattr(driver, "autocommit", False))
 
 
 def _run(connection: Connection, plan: _Plan, params: Mapping[str, Any]) -> Result:
@@ -106,19 +136,24 @@ def _run(connection: Connection, plan: _Plan, params: Mapping[str, Any]) -> Resu
         value = params[name] if name in params else plan.constants[name]
         # Processors see None too: SQLAlchemy's JSON stores None as JSON 'null', for one.
         values.append(value if process is None else process(value))
+    # sqlite3 takes the values in the order of its `?` placeholders, psycopg by name.
+    arguments: Sequence[Any] | dict[str, Any] = (
+        values if plan.positional else dict(zip(plan.names, values, strict=True))
+    )
     driver = connection.connection.driver_connection
-    assert driver is not None, "a connection in a transaction has its driver connection"
+    assert driver is not None, "a checked-out connection has its driver connection"
+    cursor = driver.cursor()
     try:
-        cursor = driver.execute(plan.sql, values)
-        try:
-            rows = cursor.fetchall() if plan.row is not None else []
-            rowcount, lastrowid = cursor.rowcount, cursor.lastrowid
-        finally:
-            cursor.close()
-    except sqlite3.Error as error:
-        raise exc.DBAPIError.instance(
-            plan.sql, values, error, sqlite3.Error, dialect=connection.dialect
-        ) from error
+        cursor.execute(plan.sql, arguments)
+        rows = cursor.fetchall() if plan.row is not None else []
+        rowcount, lastrowid = cursor.rowcount, getattr(cursor, "lastrowid", None)
+    except BaseException as error:  # noqa: BLE001 - SQLAlchemy's handler always raises
+        # SQLAlchemy's own handling, as for its own statements: its exception classes
+        # (`IntegrityError`, ...), and a connection the server dropped, or a statement cut
+        # short by an exit exception, invalidated rather than returned to the pool.
+        connection._handle_dbapi_exception(error, plan.sql, arguments, cursor, None)
+    finally:
+        cursor.close()
     if plan.row is not None:
         make, processors = plan.row._make, plan.result_processors  # type: ignore[attr-defined]
         rows = [
@@ -137,10 +172,10 @@ def plan_count() -> int:
 
 
 def _plan_for(dialect: Dialect, statement: Executable, keys: tuple[str, ...]) -> _Plan | None:
-    key = (id(statement), keys)
+    key = (id(statement), id(dialect), keys)
     if key in _plans:
         plan = _plans[key]
-        if plan is None or plan.statement is statement:
+        if plan is None or (plan.statement is statement and plan.dialect is dialect):
             return plan
     built = _compile(dialect, statement, keys)
     with _plans_lock:
@@ -157,16 +192,21 @@ def _compile(dialect: Dialect, statement: Executable, keys: Sequence[str]) -> _P
         column_keys=list(keys) if isinstance(statement, UpdateBase) else None,
     )
     assert isinstance(compiled, SQLCompiler)
-    if (
-        compiled.insert_prefetch
-        or compiled.update_prefetch
-        or compiled.post_compile_params
-        or compiled.positiontup is None
-    ):
+    if compiled.insert_prefetch or compiled.update_prefetch or compiled.post_compile_params:
         # Needs SQLAlchemy's execution context: Python-side defaults, or an IN list expanded
         # per execution.
         return None
-    names = tuple(compiled.positiontup)
+    if dialect.name != "sqlite" and (
+        compiled.effective_returning and not getattr(statement, "_returning", ())
+    ):
+        # An INSERT whose new key SQLAlchemy reads from a RETURNING it added itself: only
+        # SQLite's `lastrowid` is read here.
+        return None
+    positional = compiled.positiontup is not None
+    if positional:
+        names = tuple(compiled.positiontup or ())
+    else:  # psycopg's `%(name)s`: each name once, values passed by name
+        names = tuple(dict.fromkeys(_NAMED_PLACEHOLDER.findall(compiled.string)))
     binds = compiled.binds
     constants: dict[str, Any] = {}
     for name in names:
@@ -188,7 +228,9 @@ def _compile(dialect: Dialect, statement: Executable, keys: Sequence[str]) -> _P
         )
     return _Plan(
         statement=statement,
+        dialect=dialect,
         sql=compiled.string,
+        positional=positional,
         names=names,
         processors=processors,
         constants=constants,

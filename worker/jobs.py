@@ -372,8 +372,10 @@ def _insert_new_job(connection: Connection, values: Mapping[str, Any], actor: st
     trip fewer per enqueue (issue 7)."""
     if one_statement_writes():
         params = {f"n_{name}": value for name, value in values.items()}
-        connection.execute(
-            _insert_job_with_event(tuple(sorted(values))), params | {"b_actor": actor}
+        driver.execute(
+            connection,
+            _insert_job_with_event(tuple(sorted(values))),
+            params | {"b_actor": actor},
         )
         return
     driver.execute(connection, _INSERT_JOB, values)
@@ -446,7 +448,7 @@ def _lock_payment(connection: Connection, provider: str, payment_ref: str) -> No
         return
     digest = hashlib.sha256(f"{provider}\x1f{payment_ref}".encode()).digest()
     key = int.from_bytes(digest[:8], "big", signed=True)
-    connection.execute(_ADVISORY_LOCK, {"b_key": key})
+    driver.execute(connection, _ADVISORY_LOCK, {"b_key": key})
 
 
 _ADVISORY_LOCK = select(func.pg_advisory_xact_lock(bindparam("b_key")))
@@ -474,7 +476,9 @@ _KEY_OR_LIVE_REFUNDS = select(
             JOBS.c.provider == bindparam("b_provider"),
             JOBS.c.payment_ref == bindparam("b_payment_ref"),
             JOBS.c.kind == Kind.REFUND.value,
-            JOBS.c.status.in_(sorted(_LIVE_STATUS_VALUES)),
+            # Equalities rather than `in_`: an IN list is expanded per execution, which only
+            # SQLAlchemy's execution context does (worker/driver.py).
+            or_(*(JOBS.c.status == status for status in sorted(_LIVE_STATUS_VALUES))),
         ),
     )
 )
@@ -487,7 +491,8 @@ def _key_and_live_refunds(
     payment (read for refunds only: a cancel has no amount to check)."""
     if new.kind is not Kind.REFUND:
         return driver.execute(connection, _JOB_BY_KEY, {"b_key": new.idempotency_key}).first(), []
-    rows = connection.execute(
+    rows = driver.execute(
+        connection,
         _KEY_OR_LIVE_REFUNDS,
         {
             "b_key": new.idempotency_key,
@@ -760,7 +765,7 @@ def _claim_in_one_statement(
 ) -> tuple[Claim, int | None] | None:
     now = utcnow()
     with single_statements() as connection:
-        seen = connection.execute(_CLAIM_SNAPSHOT, {"b_job_id": job_id}).first()
+        seen = driver.execute(connection, _CLAIM_SNAPSHOT, {"b_job_id": job_id}).first()
         if seen is None or seen.status not in _CLAIMABLE_VALUES:
             return None
         if seen.next_attempt_at is not None and seen.next_attempt_at > now + CLAIM_EARLY_TOLERANCE:
@@ -780,11 +785,11 @@ def _claim_in_one_statement(
             "b_lease_until": now + timedelta(seconds=lease_seconds),
         }
         if call is None:
-            row = connection.execute(_CLAIM_WITHOUT_ATTEMPT, params).first()
+            row = driver.execute(connection, _CLAIM_WITHOUT_ATTEMPT, params).first()
             return None if row is None else (claim, None)
         purpose, summary = call
         params.update(b_number=claim.attempt_count, b_purpose=purpose, b_summary=dict(summary))
-        row = connection.execute(_CLAIM_WITH_ATTEMPT, params).first()
+        row = driver.execute(connection, _CLAIM_WITH_ATTEMPT, params).first()
         return None if row is None else (claim, int(row[0]))
 
 
@@ -1099,7 +1104,8 @@ def _apply_in_one_statement(
     }
     with single_statements() as connection:
         return (
-            connection.execute(_apply_statement(tuple(sorted(values))), params).first() is not None
+            driver.execute(connection, _apply_statement(tuple(sorted(values))), params).first()
+            is not None
         )
 
 

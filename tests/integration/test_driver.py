@@ -1,7 +1,7 @@
-"""The hot path's statements on SQLite run on the driver (worker/driver.py, issue 7): a job's
-claim and outcome reach sqlite3 without SQLAlchemy's per-statement machinery, and what they
-return, raise and commit is what SQLAlchemy would have. Real databases (SQLite and
-PostgreSQL, where everything stays SQLAlchemy's); no worker runs."""
+"""The hot path's statements run on the driver (worker/driver.py, issue 7): a job's claim and
+outcome reach sqlite3 or psycopg without SQLAlchemy's per-statement machinery, and what they
+return, raise and commit is what SQLAlchemy would have. Real databases, SQLite and
+PostgreSQL; no worker runs."""
 
 from __future__ import annotations
 
@@ -17,19 +17,22 @@ from sqlalchemy import (
     String,
     Table,
     bindparam,
+    create_engine,
     event,
+    func,
     insert,
     select,
     text,
 )
 from sqlalchemy.engine import CursorResult
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from tests.support.stack import Stack, unique
+from tests.support.statements import statements_sent
 from tests.support.turns import a_successful_turn
 from worker import driver, jobs
 from worker.clock import utcnow
-from worker.db import get_engine, read_session, write_transaction
+from worker.db import get_engine, read_session, single_statements, write_transaction
 from worker.models import Attempt, Event, Job
 
 JOBS, EVENTS = Job.__table__, Event.__table__  # type: ignore[attr-defined]
@@ -51,19 +54,22 @@ def through_sqlalchemy() -> Iterator[list[str]]:
         event.remove(engine, "before_cursor_execute", record)
 
 
-def test_a_jobs_turn_on_sqlite_bypasses_sqlalchemys_execute(stack_factory):
+def test_a_jobs_turn_bypasses_sqlalchemys_execute(stack_factory):
     stack: Stack = stack_factory()
     job_id = stack.refund_new_order()
     a_successful_turn(stack.refund_new_order())  # compiled once, outside the block
 
-    with through_sqlalchemy() as sent:
+    with through_sqlalchemy() as sent, statements_sent() as received:
         turn = a_successful_turn(job_id)
 
     assert turn.status is jobs.JobStatus.SUCCEEDED
-    if stack.backend == "sqlite":
-        assert sent == []
-    else:  # PostgreSQL: the claim's read and its statement, the outcome's statement
-        assert len(sent) == 3, sent
+    assert sent == []
+    # ... and yet the database received the turn's statements, from the driver.
+    if stack.backend == "postgres":  # the claim's read and its statement, the outcome's
+        assert len(received) == 3, received
+        assert all(statement.autocommit for statement in received)
+    else:
+        assert len(received) >= 3, received
     with read_session() as session:
         job = session.get(Job, job_id)
         assert job is not None and job.status == "succeeded" and job.lease_owner is None
@@ -199,8 +205,7 @@ def test_a_plan_is_compiled_once_per_statement_and_parameter_names(stack_factory
         once = driver.plan_count()
         driver.execute(connection, statement, {"b_id": job_id, "unused": 1})
         twice = driver.plan_count()
-    expected = 1 if stack.backend == "sqlite" else 0  # PostgreSQL: SQLAlchemy's own cache
-    assert (once - before, twice - once) == (expected, expected)
+    assert (once - before, twice - once) == (1, 1)
 
 
 def test_a_second_claim_while_the_lease_holds_gets_nothing_and_writes_nothing(stack_factory):
@@ -225,3 +230,36 @@ def test_a_second_claim_while_the_lease_holds_gets_nothing_and_writes_nothing(st
         job = session.get(Job, job_id)
         assert job is not None
         assert (job.status, job.lease_owner, job.attempt_count) == ("submitting", "w1", 1)
+
+
+_BACKEND_PID = select(func.pg_backend_pid())
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_a_connection_the_server_dropped_is_invalidated_not_reused(stack_factory, backend):
+    """As for SQLAlchemy's own statements: a driver error that means the server is gone
+    invalidates the connection, so the pool does not hand it out again."""
+    stack_factory()
+    with single_statements() as connection:
+        pid = driver.execute(connection, _BACKEND_PID, {}).scalar_one_or_none()
+        with get_engine().connect() as other:
+            other.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        with pytest.raises(DBAPIError) as raised:
+            driver.execute(connection, _BACKEND_PID, {})
+    assert raised.value.connection_invalidated
+    with single_statements() as connection:  # a new connection, to a new server process
+        assert driver.execute(connection, _BACKEND_PID, {}).scalar_one_or_none() not in (pid, None)
+
+
+def test_an_engine_that_echoes_gets_every_statement_through_sqlalchemy(stack_factory):
+    """`echo` logs each statement SQLAlchemy runs; the driver steps aside so none is missing."""
+    stack: Stack = stack_factory()
+    job_id = stack.refund_new_order()
+    echoing = create_engine(get_engine().url, echo=True)
+    try:
+        with echoing.begin() as connection:
+            result = driver.execute(connection, _JOB_ROW, {"b_id": job_id})
+            assert isinstance(result, CursorResult)
+            assert result.first() is not None
+    finally:
+        echoing.dispose()

@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import psycopg
 from sqlalchemy import event
 
 from worker.db import get_engine
@@ -26,25 +27,41 @@ class Sent:
 @contextmanager
 def statements_sent() -> Iterator[list[Sent]]:
     """Every statement the configured database receives from this process while the block
-    runs, in order. On SQLite the hot path runs on sqlite3 directly (worker/driver.py), so
-    there the driver's own trace is what counts; elsewhere SQLAlchemy's cursor events."""
+    runs, in order. The hot path runs on the driver directly (worker/driver.py), so what
+    counts is the driver's own view: sqlite3's trace, or the cursors of psycopg connections.
+    Neither sees transaction control (`BEGIN`, `COMMIT`), as SQLAlchemy's events did not."""
     seen: list[Sent] = []
     engine = get_engine()
-    if engine.dialect.name == "sqlite":
-        with _sqlite_trace(engine, seen):
-            yield seen
-        return
-
-    def record(conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        driver = conn.connection.driver_connection
-        autocommit = bool(getattr(driver, "autocommit", False))
-        seen.append(Sent(" ".join(statement.split()).lower(), autocommit))
-
-    event.listen(engine, "before_cursor_execute", record)
-    try:
+    trace = _sqlite_trace if engine.dialect.name == "sqlite" else _psycopg_trace
+    with trace(engine, seen):
         yield seen
+
+
+@contextmanager
+def _psycopg_trace(engine: Any, seen: list[Sent]) -> Iterator[None]:
+    class TracedCursor(psycopg.Cursor):  # type: ignore[type-arg]
+        def execute(self, query: Any, *args: Any, **kwargs: Any) -> Any:
+            sql = query if isinstance(query, str) else query.as_string(self.connection)
+            seen.append(Sent(" ".join(sql.split()).lower(), bool(self.connection.autocommit)))
+            return super().execute(query, *args, **kwargs)
+
+    return_to: dict[int, Any] = {}
+
+    def on_checkout(dbapi_connection: Any, *_args: Any) -> None:
+        return_to[id(dbapi_connection)] = dbapi_connection.cursor_factory
+        dbapi_connection.cursor_factory = TracedCursor
+
+    def on_checkin(dbapi_connection: Any, *_args: Any) -> None:
+        if id(dbapi_connection) in return_to:
+            dbapi_connection.cursor_factory = return_to.pop(id(dbapi_connection))
+
+    event.listen(engine.pool, "checkout", on_checkout)
+    event.listen(engine.pool, "checkin", on_checkin)
+    try:
+        yield
     finally:
-        event.remove(engine, "before_cursor_execute", record)
+        event.remove(engine.pool, "checkout", on_checkout)
+        event.remove(engine.pool, "checkin", on_checkin)
 
 
 @contextmanager
