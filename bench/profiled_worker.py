@@ -25,10 +25,25 @@ def main() -> None:
 
     counts: Counter[str] = Counter()
 
-    @event.listens_for(Engine, "before_cursor_execute")
-    def _statement(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+    def count(statement: str) -> None:
         verb = statement.lstrip().split(None, 1)[0].upper()
         counts[f"statement:{verb}"] += 1
+
+    @event.listens_for(Engine, "before_cursor_execute")
+    def _statement(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        count(statement)
+
+    # The hot path's statements run on the driver, past SQLAlchemy's cursor events
+    # (worker/driver.py): counted where the driver runs them.
+    from worker import driver
+
+    run_on_driver = driver._run
+
+    def _on_driver(connection: Any, plan: Any, params: Any) -> Any:
+        count(plan.sql)
+        return run_on_driver(connection, plan, params)
+
+    driver._run = _on_driver
 
     @event.listens_for(Engine, "commit")
     def _commit(_conn: Any) -> None:
