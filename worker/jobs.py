@@ -58,7 +58,13 @@ from providers.base import (
 )
 from worker import driver, policy
 from worker.clock import utcnow
-from worker.db import one_statement_writes, single_statements, write_session, write_transaction
+from worker.db import (
+    one_statement_writes,
+    recheck,
+    single_statements,
+    write_session,
+    write_transaction,
+)
 from worker.errors import IdempotencyConflict, InvalidRequest, OverRefund
 from worker.models import LIVE_STATUSES, Attempt, Event, Job, JobStatus
 from worker.money import format_amount, from_minor
@@ -190,10 +196,7 @@ _CAS_STATEMENTS: dict[tuple[tuple[str, ...], bool, tuple[str, ...]], Update] = {
 
 def _cas_conditions(sources: tuple[str, ...], with_lease: bool) -> list[ColumnElement[bool]]:
     conditions: list[ColumnElement[bool]] = [JOBS.c.id == bindparam("b_job_id")]
-    if len(sources) == 1:
-        conditions.append(JOBS.c.status == sources[0])
-    else:
-        conditions.append(JOBS.c.status.in_(sources))
+    conditions.append(recheck(JOBS.c.status, *sources))
     if with_lease:
         conditions.append(JOBS.c.lease_owner == bindparam("b_lease_owner"))
     return conditions
@@ -622,7 +625,7 @@ _CLAIM_SETS: dict[str, Any] = {
 }
 _CLAIM = (
     update(JOBS)
-    .where(JOBS.c.id == bindparam("b_job_id"), JOBS.c.status == bindparam("b_from"), _DUE)
+    .where(JOBS.c.id == bindparam("b_job_id"), recheck(JOBS.c.status, bindparam("b_from")), _DUE)
     .values(**_CLAIM_SETS)
     .returning(*_CLAIM_RETURNING)
 )
@@ -703,7 +706,7 @@ def _claim_statement(with_attempt: bool) -> Select[Any] | Insert:
         update(JOBS)
         .where(
             JOBS.c.id == bindparam("b_job_id"),
-            JOBS.c.status == bindparam("b_from"),
+            recheck(JOBS.c.status, bindparam("b_from")),
             JOBS.c.attempt_count == bindparam("b_seen_attempts"),
             JOBS.c.updated_at == bindparam("b_seen_at", type_=JOBS.c.updated_at.type),
             _DUE,
@@ -1198,7 +1201,7 @@ def reap(
         job = session.execute(
             select(Job).where(
                 col(Job.id) == job_id,
-                col(Job.status) == S.SUBMITTING.value,
+                recheck(col(Job.status), S.SUBMITTING.value),
                 col(Job.lease_expires_at) < now,
             )
         ).scalar_one_or_none()
@@ -1366,7 +1369,7 @@ def claim_poll(
     with write_session() as session:
         row = session.execute(
             select(col(Job.next_poll_at), col(Job.poll_count), col(Job.poll_deadline_at)).where(
-                col(Job.id) == job_id, col(Job.status) == S.AWAITING_GATEWAY.value
+                col(Job.id) == job_id, recheck(col(Job.status), S.AWAITING_GATEWAY.value)
             )
         ).one_or_none()
         if row is None or row.next_poll_at is None:
@@ -1393,8 +1396,8 @@ def claim_poll(
             update(Job)
             .where(
                 col(Job.id) == job_id,
-                col(Job.status) == S.AWAITING_GATEWAY.value,
-                col(Job.next_poll_at) == row.next_poll_at,
+                recheck(col(Job.status), S.AWAITING_GATEWAY.value),
+                recheck(col(Job.next_poll_at), row.next_poll_at),
             )
             .values(
                 next_poll_at=now + timedelta(seconds=delay),
@@ -1555,7 +1558,7 @@ def apply_poll(
                     last_error_retryable=True,
                 )
             query = update(Job).where(
-                col(Job.id) == claim.job_id, col(Job.status) == S.AWAITING_GATEWAY.value
+                col(Job.id) == claim.job_id, recheck(col(Job.status), S.AWAITING_GATEWAY.value)
             )
             if retry_after_floor is not None:
                 scheduled = session.execute(

@@ -36,7 +36,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import col
 
 from worker.clock import utcnow
-from worker.db import read_session, write_session
+from worker.db import read_session, recheck, write_session
 from worker.logs import get_logger
 from worker.models import (
     FINAL_STATUSES,
@@ -257,7 +257,7 @@ def _claim(notification_id: int, owner: str, settings: Settings) -> _Claimed | N
             update(Notification)
             .where(
                 col(Notification.id) == notification_id,
-                col(Notification.state) == NotificationState.PENDING.value,
+                recheck(col(Notification.state), NotificationState.PENDING.value),
                 or_(
                     col(Notification.next_attempt_at).is_(None),
                     col(Notification.next_attempt_at) <= now + EARLY_TOLERANCE,

@@ -1,11 +1,12 @@
 """What this process sends to the database: the SQL of each statement (whitespace folded,
-lower case) and whether its connection was in autocommit."""
+lower case), whether its connection was in autocommit, and its values (psycopg's; sqlite3's
+trace has them in the SQL already)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
@@ -22,6 +23,8 @@ _CONTROL = ("begin", "commit", "rollback", "pragma")
 class Sent:
     sql: str
     autocommit: bool
+    params: Any = field(default=None, compare=False)
+    raw: str = field(default="", compare=False)  # as sent, to send again (EXPLAIN)
 
 
 @contextmanager
@@ -42,7 +45,9 @@ def _psycopg_trace(engine: Any, seen: list[Sent]) -> Iterator[None]:
     class TracedCursor(psycopg.Cursor):  # type: ignore[type-arg]
         def execute(self, query: Any, *args: Any, **kwargs: Any) -> Any:
             sql = query if isinstance(query, str) else query.as_string(self.connection)
-            seen.append(Sent(" ".join(sql.split()).lower(), bool(self.connection.autocommit)))
+            params = args[0] if args else kwargs.get("params")
+            folded = " ".join(sql.split()).lower()
+            seen.append(Sent(folded, bool(self.connection.autocommit), params, sql))
             return super().execute(query, *args, **kwargs)
 
     return_to: dict[int, Any] = {}
@@ -69,7 +74,7 @@ def _sqlite_trace(engine: Any, seen: list[Sent]) -> Iterator[None]:
     def trace(statement: str) -> None:
         sql = " ".join(statement.split()).lower()
         if not sql.startswith(_CONTROL):
-            seen.append(Sent(sql, False))
+            seen.append(Sent(sql, False, None, statement))
 
     def on_checkout(dbapi_connection: Any, *_args: Any) -> None:
         dbapi_connection.set_trace_callback(trace)
