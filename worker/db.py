@@ -94,8 +94,8 @@ def recheck(column: Any, *values: Any) -> ColumnElement[bool]:
     row through a status index instead of the primary key whenever its statistics call the
     status rare, as `submitting` always is, and then walk every in-flight job, and every dead
     index entry a moved job left, to find it. Measured on the outcome's statement: 233 buffers
-    read instead of 6 (issue 7, BENCHMARKS.md, eighth round). SQLite has no such choice here:
-    it names the unique key first either way (tests/integration/test_query_plans.py)."""
+    read to find the job instead of 4 (issue 7, BENCHMARKS.md, eighth round). SQLite's planner
+    took the unique key either way (tests/integration/test_query_plans.py)."""
     return or_(*(column.is_not_distinct_from(value) for value in values))
 
 

@@ -4,8 +4,8 @@ The compare-and-set statements of a job's turn say "this job, if it is still que
 `submitting`, or awaiting). With a plain `status = …`, PostgreSQL's planner could serve that
 from an index that leads with the status whenever its statistics call the status rare, as
 `submitting` and `queued` are once most jobs are finished, and then walk every in-flight job,
-and every dead index entry a moved job left, to find the one row: 233 buffers read for one
-outcome instead of 6 in `bench writes` (BENCHMARKS.md, eighth round). `worker.db.recheck`
+and every dead index entry a moved job left, to find the one row: 233 buffers read to find
+an outcome's job instead of 4 in `bench writes` (BENCHMARKS.md, eighth round). `worker.db.recheck`
 writes those checks so no index can serve them.
 
 Here the database holds thousands of finished jobs and one of each state under test, its
