@@ -95,7 +95,12 @@ def recheck(column: Any, *values: Any) -> ColumnElement[bool]:
     status rare, as `submitting` always is, and then walk every in-flight job, and every dead
     index entry a moved job left, to find it. Measured on the outcome's statement: 233 buffers
     read to find the job instead of 4 (issue 7, BENCHMARKS.md, eighth round). SQLite's planner
-    took the unique key either way (tests/integration/test_query_plans.py)."""
+    took the unique key either way (tests/integration/test_query_plans.py).
+
+    `IS NOT DISTINCT FROM NULL` would match a NULL where `=` matches nothing, so a None value
+    is refused: a compare-and-set must not start matching rows by accident."""
+    if not values or any(value is None for value in values):
+        raise ValueError(f"recheck({column}) needs values that are not None, got {values!r}")
     return or_(*(column.is_not_distinct_from(value) for value in values))
 
 
