@@ -37,23 +37,30 @@ setup_logging.disconnect(refundq_app._logging)
 worker_process_init.disconnect(refundq_app._after_fork)
 celeryd_after_setup.disconnect(refundq_app._rehearse)
 
-_config = refundq_app.celery_config(get_settings())
-_config.pop("beat_schedule")
-# Bare Celery: kombu's own Redis transport, not refundq's (worker/broker.py, one Redis client
-# per channel instead of one per command). That saving is refundq's work, so the baseline keeps
-# paying what a bare Celery app pays (BENCHMARKS.md, fourth round).
-_config.pop("broker_transport")
-# A bare worker logs the way Celery does by default (plain text at --loglevel).
-_config.pop("worker_hijack_root_logger")
+
+def bare_config(*, refundq_transport: bool = False) -> dict[str, Any]:
+    """refundq's Celery settings without what is refundq's own: no beat schedule, Celery's
+    default logging and, unless asked for, kombu's Redis transport rather than refundq's
+    (worker/broker.py, one Redis client per channel instead of one per command). That saving
+    is refundq's work, so the baseline keeps paying what a bare Celery app pays (BENCHMARKS.md,
+    fourth round)."""
+    config = refundq_app.celery_config(get_settings())
+    config.pop("beat_schedule")
+    if not refundq_transport:
+        config.pop("broker_transport")
+    # A bare worker logs the way Celery does by default (plain text at --loglevel).
+    config.pop("worker_hijack_root_logger")
+    return config
+
 
 app = Celery("bench-baseline")
-app.conf.update(_config)
+app.conf.update(bare_config())
 
 _local: dict[str, Any] = {}
 _lock = threading.Lock()
 
 
-def _clients() -> tuple[httpx.Client, Any]:
+def clients() -> tuple[httpx.Client, Any]:
     """One HTTP client and one Redis client per process (rebuilt after fork)."""
     with _lock:
         if _local.get("pid") != os.getpid():
@@ -71,12 +78,11 @@ def _clients() -> tuple[httpx.Client, Any]:
 def _warm(**_: Any) -> None:
     """Build the clients when the pool process starts, as refundq's pool processes build
     theirs (`worker.gateways.warm`): neither side pays for a TLS context inside a job."""
-    _clients()
+    clients()
 
 
-@app.task(name=TASK, acks_late=True, reject_on_worker_lost=True)
-def refund(order_id: str, published_at: float) -> None:
-    http, results = _clients()
+def post_refund(http: httpx.Client, order_id: str) -> int:
+    """The vai247 refund call, as refundq's provider makes it: its HTTP status."""
     body = json.dumps(
         {"order_id": order_id, "amount": "__AMOUNT__", "reason": "event cancelled"},
         separators=(",", ":"),
@@ -93,4 +99,11 @@ def refund(order_id: str, published_at: float) -> None:
         },
     )
     response.read()
-    results.rpush(RESULTS_KEY, f"{published_at:.6f} {time.time():.6f} {response.status_code}")
+    return response.status_code
+
+
+@app.task(name=TASK, acks_late=True, reject_on_worker_lost=True)
+def refund(order_id: str, published_at: float) -> None:
+    http, results = clients()
+    status = post_refund(http, order_id)
+    results.rpush(RESULTS_KEY, f"{published_at:.6f} {time.time():.6f} {status}")

@@ -1,9 +1,11 @@
-"""One producer process: enqueue N refunds through refundq's Python API, or publish N baseline
-tasks, as fast as it can or at a fixed rate. Run by the bench as a subprocess (its environment
-points it at the stack); prints one JSON line with its timings.
+"""One producer process: enqueue N refunds through refundq's Python API, publish N baseline
+tasks, or do the floor's enqueue (bench/floor.py), as fast as it can or at a fixed rate. Run by
+the bench as a subprocess (its environment points it at the stack); prints one JSON line with
+its timings.
 
     python -m bench.producer refundq --n 5000 --prefix bench-1- --run r1 [--rate 200]
     python -m bench.producer baseline --n 5000 --prefix bench-1-
+    python -m bench.producer floor --n 5000 --prefix bench-1- --run r1
 """
 
 from __future__ import annotations
@@ -68,6 +70,20 @@ def produce_baseline(n: int, prefix: str, rate: float | None, offset: int) -> No
     _produce(n, rate, send)
 
 
+def produce_floor(n: int, prefix: str, run: str, rate: float | None, offset: int) -> None:
+    from bench.floor import TASK, Producer, app
+    from worker.app import QUEUE
+
+    producer = Producer()
+
+    def send(i: int) -> None:
+        payment_ref = f"{prefix}{offset + i}"
+        job_id = producer.enqueue(payment_ref, f"{run}-{offset + i}")
+        app.send_task(TASK, args=[job_id, payment_ref], queue=QUEUE)
+
+    _produce(n, rate, send)
+
+
 def _produce(n: int, rate: float | None, send: Callable[[int], None]) -> None:
     """`send(i)` for i in 0..n-1, paced, then the loop's figures on stdout."""
     cpu_at_start = _cpu()
@@ -110,7 +126,7 @@ def module_args(target: str, n: int, prefix: str, run: str, rate: float | None =
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.producer")
-    parser.add_argument("target", choices=["refundq", "baseline"])
+    parser.add_argument("target", choices=["refundq", "baseline", "floor"])
     parser.add_argument("--n", type=int, required=True)
     parser.add_argument("--prefix", required=True, help="payment refs are <prefix><index>")
     parser.add_argument("--offset", type=int, default=0)
@@ -119,6 +135,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.target == "refundq":
         produce_refundq(args.n, args.prefix, args.run, args.rate, args.offset)
+    elif args.target == "floor":
+        produce_floor(args.n, args.prefix, args.run, args.rate, args.offset)
     else:
         produce_baseline(args.n, args.prefix, args.rate, args.offset)
 

@@ -57,9 +57,9 @@ FINAL = ("succeeded", "declined", "failed", "unknown")
 
 @dataclass
 class RunConfig:
-    target: str  # "refundq" | "baseline"
+    target: str  # "refundq" | "baseline" | "floor" (bench/floor.py)
     n: int
-    backend: str | None = None  # refundq: "sqlite" | "postgres"
+    backend: str | None = None  # refundq: "sqlite" | "postgres"; the floor: "postgres"
     pool: str = "prefork"
     concurrency: int = 4
     workers: int = 1  # worker processes (each with `concurrency`)
@@ -73,7 +73,7 @@ class RunConfig:
     code: Path | None = None
 
     def label(self) -> str:
-        what = self.target if self.target == "baseline" else f"refundq/{self.backend}"
+        what = self.target if self.target == "baseline" else f"{self.target}/{self.backend}"
         if self.variant:
             what += f"@{self.variant}"
         load = f"@{self.rate:g}/s" if self.rate else "burst"
@@ -143,7 +143,9 @@ class Run:
 
     # ---- processes ----------------------------------------------------------------------------
     def start(self) -> None:
-        app = "worker.app" if self.config.target == "refundq" else "bench.baseline"
+        app = {"refundq": "worker.app", "baseline": "bench.baseline", "floor": "bench.floor"}[
+            self.config.target
+        ]
         for index in range(self.config.workers):
             argv = worker_argv(
                 app,
@@ -196,10 +198,17 @@ class Run:
             return int(self.stack.redis.client(self.redis_db).llen(RESULTS_KEY))
         from sqlalchemy import text
 
+        from bench.floor import TEMPLATE_PREFIX
+
+        # The floor's processes each record a template job first (bench/floor.py).
         with self.engine().connect() as connection:
             return int(
                 connection.execute(
-                    text("select count(*) from jobs where finished_at is not null")
+                    text(
+                        "select count(*) from jobs where finished_at is not null"
+                        " and id not like :template"
+                    ),
+                    {"template": f"{TEMPLATE_PREFIX}%"},
                 ).scalar_one()
             )
 
@@ -261,7 +270,7 @@ def run_once(
     stack.ensure_payments(config.n, config.warmup)
     redis_db = stack.new_redis_db()
     database_url = None
-    if config.target == "refundq":
+    if config.target != "baseline":
         assert config.backend is not None
         database_url = stack.services.new_database(config.backend, f"run-{redis_db}")
     env = stack.env(database_url, redis_db, config.code, **config.extra_env)
@@ -283,7 +292,7 @@ def run_once(
         busy_before = machine_busy_seconds()
         own_before = _own_cpu()
         producer = run.produce(config.n, PAYMENT_PREFIX, run_key, config.rate)
-        expected = config.n + (config.warmup if config.target == "refundq" else 0)
+        expected = config.n + (config.warmup if config.target != "baseline" else 0)
         timeout = config.n / (config.rate or 20) + 180
         run.wait_done(expected, timeout, (lambda done: on_tick(run, done)) if on_tick else None)
         output, _ = producer.communicate(timeout=120)
@@ -291,7 +300,7 @@ def run_once(
         cpu_after = {name: cpu() for name, cpu in components.items()}
         busy = machine_busy_seconds() - busy_before
         own = _own_cpu() - own_before
-        if config.target == "refundq":
+        if config.target != "baseline":
             pairs, statuses = run.refundq_timings(run_key)
         else:
             pairs, statuses = run.baseline_timings()

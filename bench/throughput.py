@@ -9,6 +9,10 @@ Three measurements per round:
 * paced (`--paced-rate`): a steady offered load below both systems' capacity, where
   enqueue->final latency is the service latency a single refund sees;
 * enqueue alone: the producer with no worker running (one process, one thread).
+
+`--floor` adds a third system on PostgreSQL: the baseline plus exactly the statements refundq
+sends for a refund, and nothing else of refundq's (bench/floor.py). Its ratio to the baseline
+is the most refundq can reach here while it keeps those statements.
 """
 
 from __future__ import annotations
@@ -62,6 +66,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME=DIR",
         help="also run refundq from the checkout in DIR (e.g. before=/tmp/before), interleaved",
     )
+    parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="also run the floor on PostgreSQL: the baseline plus refundq's statements and "
+        "nothing else (bench/floor.py), interleaved",
+    )
     parser.add_argument("--json", type=str, default=None, help="result file (bench-results/…)")
 
 
@@ -74,7 +84,7 @@ def enqueue_alone(stack: Stack, config: RunConfig) -> dict[str, Any]:
     env = {**stack.env(database_url, redis_db, config.code), "REFUNDQ_LOG_LEVEL": "WARNING"}
     try:
         output = subprocess.run(
-            [python(), "-m", *module_args("refundq", n, PAYMENT_PREFIX, f"e{redis_db}")],
+            [python(), "-m", *module_args(config.target, n, PAYMENT_PREFIX, f"e{redis_db}")],
             cwd=config.code or REPO,
             env=env,
             capture_output=True,
@@ -87,7 +97,7 @@ def enqueue_alone(stack: Stack, config: RunConfig) -> dict[str, Any]:
         stack.redis.client(redis_db).flushdb()
     rate = round(produced["rate"], 1)
     cpu = round(produced["cpu_seconds"] * 1000 / n, 3)
-    name = backend + (f"@{config.variant}" if config.variant else "")
+    name = config.label().split()[0]
     say(f"  enqueue alone, {name:16s} n={n}: {rate:7.1f} jobs/s  producer cpu/job {cpu} ms")
     return {"backend": backend, "variant": config.variant, "n": n, "enqueue_rate": rate,
             "producer_cpu_ms_per_job": cpu}  # fmt: skip
@@ -100,6 +110,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     variants = dict(v.split("=", 1) for v in args.variant)
     targets = [*backends, *(f"{b}@{name}" for b in backends for name in variants)]
+    if args.floor:
+        targets.append("floor")
     info = machine()
     info["versions"]["postgresql"] = postgres_version()
     settings = {
@@ -112,6 +124,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "paced_rate": args.paced_rate,
         "paced_n": args.paced_n,
         "variants": variants,
+        "floor": args.floor,
     }
     say(f"throughput: {settings} on {info['cores']} cores, load {info['loadavg_at_start']}")
     burst: dict[str, list[dict[str, Any]]] = {"baseline": [], **{t: [] for t in targets}}
@@ -120,9 +133,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
     def config(target: str, n: int, rate: float | None) -> RunConfig:
         backend, _, variant = target.partition("@")
+        kind = target if target in ("baseline", "floor") else "refundq"
         return RunConfig(
-            target="baseline" if target == "baseline" else "refundq",
-            backend=None if target == "baseline" else backend,
+            target=kind,
+            backend={"baseline": None, "floor": "postgres"}.get(kind, backend),
             variant=variant or None,
             code=Path(variants[variant]) if variant else None,
             n=n,
@@ -235,8 +249,9 @@ def print_summary(summary: dict[str, Any]) -> None:
     for backend, entry in summary.items():
         if backend == "baseline":
             continue
+        name = backend if backend == "floor" else f"refundq/{backend}"
         line = (
-            f"  refundq/{backend:16s} {entry['throughput']['median']:8.1f} jobs/s "
+            f"  {name:24s} {entry['throughput']['median']:8.1f} jobs/s "
             f"(spread {entry['throughput']['spread']:.0%})  ratio {entry['throughput_ratio']:.2f}"
             f"  burst p99 {entry['burst_p99_ms']['median']:.0f} ms "
             f"(x{entry['burst_p99_ratio']:.2f})"

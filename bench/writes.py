@@ -64,8 +64,8 @@ def _timed(step: Callable[[int], None], first: int, n: int, backend: str) -> dic
 
 
 def measure(services: Services, backend: str, n: int) -> dict[str, Any]:
-    from providers.base import Capabilities, GatewayResult, Kind, Outcome
-    from worker import db, jobs
+    from bench import turn
+    from worker import db
     from worker.settings import get_settings
 
     database_url = services.new_database(backend, f"writes-{backend}")
@@ -73,47 +73,16 @@ def measure(services: Services, backend: str, n: int) -> dict[str, Any]:
     get_settings.cache_clear()
     db.dispose_all()
     total = n + WARM_UP
-    capabilities = Capabilities(kinds=frozenset(Kind), status_query=False, resend_safe=False)
-    answer = GatewayResult(Outcome.SUCCEEDED, provider_reference="r1", raw_status="ok")
-    claims: list[tuple[jobs.Claim, int]] = []
+    claims: list[tuple[Any, int]] = []
 
     def enqueue(index: int) -> None:
-        new = jobs.NewJob(
-            kind=Kind.REFUND,
-            provider="vai247",
-            payment_ref=f"ord-{index}",
-            currency="USD",
-            amount_minor=500,
-            original_amount_minor=5000,
-            reason="event cancelled",
-            extras={},
-            idempotency_key=f"key-{index}",
-        )
-        jobs.insert_job(new, f"job-{index}")
+        turn.enqueue(f"job-{index}", f"ord-{index}", f"key-{index}")
 
     def claim(index: int) -> None:
-        claimed = jobs.claim_job(
-            f"job-{index}", "bench", 60, first_call=lambda _c: ("send", {"amount": "5.00"})
-        )
-        if claimed is None or claimed[1] is None:
-            raise RuntimeError(f"job-{index} was not claimed with its attempt")
-        claims.append((claimed[0], claimed[1]))
+        claims.append(turn.claim(f"job-{index}", "bench"))
 
     def outcome(index: int) -> None:
-        held, attempt_id = claims[index]
-        decision = jobs.decide_result(held, capabilities, answer, (60.0,), 3600.0)
-        turn = jobs.apply(
-            held,
-            attempt_id,
-            decision,
-            attempt_outcome="succeeded",
-            http_status=200,
-            code=None,
-            message=None,
-            duration_ms=1.0,
-        )
-        if turn.status is None:
-            raise RuntimeError(f"job-{index}: the outcome found the job moved")
+        turn.succeed(*claims[index])
 
     try:
         steps = {

@@ -42,7 +42,7 @@ def statements_sent() -> Iterator[list[Sent]]:
 
 @contextmanager
 def _psycopg_trace(engine: Any, seen: list[Sent]) -> Iterator[None]:
-    class TracedCursor(psycopg.Cursor):  # type: ignore[type-arg]
+    class TracedCursor(psycopg.Cursor):
         def execute(self, query: Any, *args: Any, **kwargs: Any) -> Any:
             sql = query if isinstance(query, str) else query.as_string(self.connection)
             params = args[0] if args else kwargs.get("params")
