@@ -8,13 +8,15 @@ sandbox over HTTP, no worker process."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from celery.signals import celeryd_after_setup, setup_logging, worker_process_init
 from sqlalchemy import select
 
+import worker.app as refundq_app
 from bench import turn
-from bench.floor import Producer, Worker
 from tests.support.stack import unique
 from worker.db import get_engine
 from worker.models import Attempt, Event, Job
@@ -51,14 +53,28 @@ def rows_of(job_id: str) -> dict[str, Any]:
     }
 
 
+@pytest.fixture
+def floor() -> Iterator[Any]:
+    """bench.floor, imported here: like the baseline, it disconnects refundq's Celery signal
+    receivers when imported (bench/baseline.py), and this process runs other tests after."""
+    import bench.floor
+
+    try:
+        yield bench.floor
+    finally:
+        setup_logging.connect(refundq_app._logging)
+        worker_process_init.connect(refundq_app._after_fork)
+        celeryd_after_setup.connect(refundq_app._rehearse)
+
+
 @pytest.mark.parametrize("backend", ["postgres"])
-def test_a_floor_job_leaves_the_rows_a_refundq_job_leaves(stack_factory):
+def test_a_floor_job_leaves_the_rows_a_refundq_job_leaves(stack_factory, floor):
     stack_factory()
     ours = "refundq-job"
     turn.enqueue(ours, unique("ord"), unique("k"))
     turn.succeed(*turn.claim(ours, "bench"))
 
-    producer, worker = Producer(), Worker()
+    producer, worker = floor.Producer(), floor.Worker()
     floor_job = producer.enqueue(unique("ord"), unique("k"))
     worker.turn(floor_job, "ord-unknown-to-the-sandbox")
 
