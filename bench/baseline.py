@@ -102,7 +102,8 @@ def post_refund(http: httpx.Client, order_id: str) -> int:
     return response.status_code
 
 
-@app.task(name=TASK, acks_late=True, reject_on_worker_lost=True)
+# shared=False: a bench task must not join refundq's own app in a process that imports both.
+@app.task(name=TASK, shared=False, acks_late=True, reject_on_worker_lost=True)
 def refund(order_id: str, published_at: float) -> None:
     http, results = clients()
     status = post_refund(http, order_id)

@@ -190,7 +190,8 @@ def _start(**_: Any) -> None:
     _worker[os.getpid()] = Worker()
 
 
-@app.task(name=TASK, acks_late=True, reject_on_worker_lost=True)
+# shared=False: a bench task must not join refundq's own app in a process that imports both.
+@app.task(name=TASK, shared=False, acks_late=True, reject_on_worker_lost=True)
 def refund(job_id: str, order_id: str) -> None:
     worker = _worker.get(os.getpid())
     if worker is None:  # a solo pool has no pool processes to initialise
