@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 from celery import Celery
 from celery.signals import celeryd_after_setup, setup_logging, worker_process_init
 
-from worker import broker
+from worker import beat, broker  # noqa: F401 - beat connects how beat stops (worker/beat.py)
 from worker.schedule import beat_schedule
 from worker.settings import Settings, get_settings
 
@@ -75,12 +75,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_soft_shutdown_timeout": 30.0,
         "worker_hijack_root_logger": False,
         "beat_schedule": beat_schedule(settings),
-        # The schedule comes from code, so beat keeps it in memory: no shelve file to corrupt
-        # (celery/celery#4777), and none for beat's SIGTERM handler to close under a tick that
-        # is still reading it (a beat stopped that way exited 1, "invalid operation on closed
-        # shelf"). The cost, as when the file was deleted at each start: after a restart each
-        # interval counts from the restart.
-        "beat_scheduler": "celery.beat:Scheduler",
+        # In memory, and stopped between ticks rather than under one (worker/beat.py).
+        "beat_scheduler": "worker.beat:Scheduler",
     }
 
 

@@ -147,7 +147,7 @@ def test_the_schema_is_migrated_before_web_worker_and_beat():
 def test_beat_keeps_its_schedule_in_memory_and_is_given_no_schedule_file():
     from worker.app import app
 
-    assert app.conf.beat_scheduler == "celery.beat:Scheduler"
+    assert app.conf.beat_scheduler == "worker.beat:Scheduler"
     sources = {
         "Procfile": procfile_processes()["beat"],
         "docker-compose.yml": compose_file()["services"]["beat"]["command"],
