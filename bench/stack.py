@@ -1,10 +1,11 @@
 """One benchmark stack (Redis, sandbox, payments) and one measured run on it: start the
-workers, warm them up, let one producer process enqueue N jobs, wait until every job is final,
-and read the figures from the database (refundq) or from Redis (the baseline).
+workers, warm them up, let the producer processes (one unless `--producers` says more) enqueue N
+jobs, wait until every job is final, and read the figures from the database (refundq) or from
+Redis (the baseline).
 
 A run's figures:
-* `enqueue_rate`: jobs/s the producer process achieved (refundq: `enqueue_refund` returned;
-  baseline: `send_task` returned).
+* `enqueue_rate`: jobs/s the producer processes achieved together, from the first one's start
+  to the last one's end (refundq: `enqueue_refund` returned; baseline: `send_task` returned).
 * `throughput`: N / (last job finished - first job created). refundq: `created_at` and
   `finished_at`, both written by refundq in the database; baseline: the publish time the
   producer passed to the task and the time the task ended.
@@ -63,6 +64,7 @@ class RunConfig:
     pool: str = "prefork"
     concurrency: int = 4
     workers: int = 1  # worker processes (each with `concurrency`)
+    producers: int = 1  # producer processes, each enqueueing its share of `n`
     rate: float | None = None  # offered load, jobs/s; None: as fast as the producer can
     beat: bool = True
     warmup: int = 50
@@ -80,6 +82,7 @@ class RunConfig:
         return (
             f"{what} {self.pool}x{self.concurrency}"
             + (f"x{self.workers}w" if self.workers > 1 else "")
+            + (f" {self.producers} producers" if self.producers > 1 else "")
             + f" n={self.n} {load}"
         )
 
@@ -173,9 +176,11 @@ class Run:
 
     # ---- producing ----------------------------------------------------------------------------
     def produce(
-        self, n: int, prefix: str, run_key: str, rate: float | None
+        self, n: int, prefix: str, run_key: str, rate: float | None, offset: int = 0
     ) -> subprocess.Popen[str]:
         argv = [python(), "-m", *module_args(self.config.target, n, prefix, run_key, rate)]
+        if offset:
+            argv += ["--offset", str(offset)]
         env = {**self.env, "REFUNDQ_LOG_LEVEL": "WARNING"}
         cwd = self.config.code or REPO
         return subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, text=True)
@@ -291,12 +296,13 @@ def run_once(
         cpu_before = {name: cpu() for name, cpu in components.items()}
         busy_before = machine_busy_seconds()
         own_before = _own_cpu()
-        producer = run.produce(config.n, PAYMENT_PREFIX, run_key, config.rate)
+        producers = _produce_shares(run, PAYMENT_PREFIX, run_key)
         expected = config.n + (config.warmup if config.target != "baseline" else 0)
         timeout = config.n / (config.rate or 20) + 180
         run.wait_done(expected, timeout, (lambda done: on_tick(run, done)) if on_tick else None)
-        output, _ = producer.communicate(timeout=120)
-        produced = json.loads(output.strip().splitlines()[-1])
+        produced = combined(
+            [json.loads(p.communicate(timeout=120)[0].strip().splitlines()[-1]) for p in producers]
+        )
         cpu_after = {name: cpu() for name, cpu in components.items()}
         busy = machine_busy_seconds() - busy_before
         own = _own_cpu() - own_before
@@ -311,6 +317,41 @@ def run_once(
     return _figures(
         config, produced, pairs, statuses, cpu_before, cpu_after, busy, own, load_before
     )
+
+
+def _produce_shares(run: Run, prefix: str, run_key: str) -> list[subprocess.Popen[str]]:
+    """`config.producers` producer processes at once, each with its own share of the payments
+    and keys, and of the offered rate."""
+    config = run.config
+    rate = config.rate / config.producers if config.rate else None
+    return [
+        run.produce(count, prefix, run_key, rate, offset=offset)
+        for count, offset in shares(config.n, config.producers)
+    ]
+
+
+def shares(n: int, producers: int) -> list[tuple[int, int]]:
+    """(count, offset) of each producer's share of jobs 0..n-1: contiguous, as even as can be,
+    none left out and none given twice (payment refs and idempotency keys are by index)."""
+    if producers < 1:
+        raise ValueError(f"at least one producer, not {producers}")
+    counts = [n // producers + (1 if i < n % producers else 0) for i in range(producers)]
+    return [(count, sum(counts[:i])) for i, count in enumerate(counts)]
+
+
+def combined(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """The producers' reports as one: jobs over the span from the first start to the last end,
+    and their CPU summed."""
+    start = min(r["first_wall"] for r in reports)
+    end = max(r["first_wall"] + r["seconds"] for r in reports)
+    n = sum(r["n"] for r in reports)
+    return {
+        "n": n,
+        "seconds": end - start,
+        "rate": n / (end - start) if end > start else 0.0,
+        "first_wall": start,
+        "cpu_seconds": sum(r["cpu_seconds"] for r in reports),
+    }
 
 
 def _own_cpu() -> float:

@@ -5,7 +5,8 @@ other round) because identical runs on this machine differ by 25-30%.
 Three measurements per round:
 * burst: the producer enqueues N as fast as it can while the workers drain the queue (a shop
   cancelling an event): throughput, enqueue rate, and enqueue->final latency (which, in a burst,
-  is mostly time spent waiting in the queue);
+  is mostly time spent waiting in the queue). `--producers K` splits N between K producer
+  processes started together, for every system alike;
 * paced (`--paced-rate`): a steady offered load below both systems' capacity, where
   enqueue->final latency is the service latency a single refund sees;
 * enqueue alone: the producer with no worker running (one process, one thread).
@@ -49,6 +50,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--workers", type=int, default=1, help="worker processes (1)")
     parser.add_argument(
+        "--producers",
+        type=_at_least_one,
+        default=1,
+        help="producer processes in the burst and paced runs, each with its share of N (1)",
+    )
+    parser.add_argument(
         "--paced-rate",
         type=float,
         default=100.0,
@@ -73,6 +80,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "nothing else (bench/floor.py), interleaved",
     )
     parser.add_argument("--json", type=str, default=None, help="result file (bench-results/…)")
+
+
+def _at_least_one(text: str) -> int:
+    """An argument that counts processes: refused before any service starts, not mid-run."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def enqueue_alone(stack: Stack, config: RunConfig) -> dict[str, Any]:
@@ -120,6 +138,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "pool": args.pool,
         "concurrency": args.concurrency,
         "workers": args.workers,
+        "producers": args.producers,
         "beat": not args.no_beat,
         "paced_rate": args.paced_rate,
         "paced_n": args.paced_n,
@@ -143,6 +162,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             pool=args.pool,
             concurrency=args.concurrency,
             workers=args.workers,
+            producers=args.producers,
             rate=rate,
             beat=not args.no_beat,
         )
