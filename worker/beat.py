@@ -16,7 +16,7 @@ Redis's reply to a publish (tests/ops/test_beat_stops.py).
 
 So beat's handler here closes nothing. Between ticks it raises `SystemExit` at once, and
 `Service.start` closes the scheduler on its way out, outside any publish. During a tick it only
-asks the tick to end the loop once its one publish is done.
+asks the tick to end the loop once its one publish is done; a second signal stops at once.
 """
 
 from __future__ import annotations
@@ -50,8 +50,11 @@ class Scheduler(celery.beat.Scheduler):
         return interval
 
     def request_stop(self) -> None:
-        """Signal handler: stop now if between ticks, or once the tick in progress is done."""
-        if self.ticking:
+        """Signal handler: stop now if between ticks, or once the tick in progress is done. A
+        second signal during that tick stops at once: the publish may hang on a broker that
+        does not answer (kombu sets no socket timeout), and a second Ctrl-C means now. Nothing
+        is closed here either; redis-py drops the connection as the exit passes through it."""
+        if self.ticking and not self.stop_requested:
             self.stop_requested = True
             return
         raise SystemExit()
