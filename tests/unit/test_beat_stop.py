@@ -14,7 +14,9 @@ from worker.app import app
 from worker.beat import Scheduler
 
 
-def _scheduler_whose_tick(monkeypatch: pytest.MonkeyPatch, during: Callable[[Scheduler], None]):
+def _scheduler_whose_tick(
+    monkeypatch: pytest.MonkeyPatch, during: Callable[[Scheduler], None]
+) -> tuple[Scheduler, list[str]]:
     """A scheduler whose tick (Celery's part of it) runs `during` and returns a 5 s sleep."""
     events: list[str] = []
 
